@@ -1,0 +1,125 @@
+"""The shared absl main of the training experiments.
+
+Every expected failure (a bad config value, missing or malformed data, a
+non-finite loss) ends the process with one line on stderr naming the problem
+and its fix, and exit status 1; never a traceback from inside JAX.
+"""
+
+from __future__ import annotations
+
+import logging as logging_std
+import os
+import re
+import sys
+from typing import Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from avb import config_utils
+
+_EXPECTED_ERRORS: tuple[type[Exception], ...] = (config_utils.ConfigError,)
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+  from avb import data  # pylint: disable=g-import-not-at-top
+  from avb import train  # pylint: disable=g-import-not-at-top
+  return _EXPECTED_ERRORS + (data.DataError, train.NonFiniteError)
+
+
+def fail(message: str) -> None:
+  """Prints `error: message` on one line to stderr and exits with status 1."""
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(1)
+
+
+def run(default_config: str, experiment: Callable[..., object]) -> None:
+  """Defines --config and --workdir and runs `experiment(config, workdir)`.
+
+  Args:
+    default_config: path of the config file used when --config is not given.
+    experiment: e.g. `avb.train.train_and_evaluate`.
+  """
+  config_flag = config_flags.DEFINE_config_file(
+      "config", default_config, "Experiment config file (path[:args]).",
+      lock_config=True)
+  workdir_flag = flags.DEFINE_string(
+      "workdir", None, "Directory for checkpoints, logs, images, summary.json.")
+
+  def main(argv):
+    if len(argv) > 1:
+      fail(f"unexpected arguments {argv[1:]}; use --config=... --workdir=...")
+    # TensorFlow (tfds, TensorBoard writers) must not grab accelerator memory
+    # that JAX needs.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.set_visible_devices([], "GPU")
+    except ImportError:
+      pass
+    try:
+      config = config_flag.value
+      experiment(config, workdir_flag.value)
+    except _expected_errors() as e:
+      logging.error("%s: %s", type(e).__name__, e)
+      fail(str(e))
+
+  # Parse the flags here rather than inside app.run, which would print a
+  # traceback for an error raised by get_config or a locked-config override.
+  try:
+    _check_config_file(sys.argv, default_config)
+    argv = flags.FLAGS(sys.argv)
+  except Exception as e:  # pylint: disable=broad-except
+    fail(_flag_error_line(e, sys.argv))
+  _quiet_orbax_info_logs()
+  app.run(main, flags_parser=lambda _: argv)
+
+
+def _check_config_file(argv: list[str], default_config: str) -> None:
+  paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  path = (paths[-1] if paths else default_config).split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise config_utils.ConfigError(
+        f"config file {path!r} not found; run from the repository root with "
+        "e.g. --config=experiments/configs/mnist.py")
+
+
+def _flag_error_line(error: Exception, argv: list[str]) -> str:
+  """Turns a flag-parsing error (absl, ml_collections) into one line with the fix."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  for e in chain:
+    if isinstance(e, config_utils.ConfigError):
+      # ml_collections re-raises get_config's error with the traceback in
+      # its message; the original message is what follows the last type name.
+      return str(e).rsplit("ConfigError: ", 1)[-1].strip()
+  text = str(chain[0])
+  unknown = re.search(r"Unknown command line flag '(config\.[\w.]+)'", text)
+  if unknown:
+    field = unknown.group(1)
+  elif any(isinstance(e, (KeyError, AttributeError)) for e in chain):
+    match = re.search(r"'(\w+)'", str(chain[-1]))
+    name = match.group(1) if match else ""
+    bad = [a.split("=")[0].lstrip("-") for a in argv if a.startswith("--config.")
+           and name in a.split("=")[0].split(".")]
+    field = bad[0] if bad else name
+  else:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(chain[0]).__name__
+  return (f"unknown config field --{field}: the config is locked; check the "
+          "name against the config file")
+
+
+class _DropOrbaxInfo(logging_std.Filter):
+  """Orbax logs a dozen INFO lines per checkpoint; keep its warnings only."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+
+
+def _quiet_orbax_info_logs() -> None:
+  logging_std.getLogger("absl").addFilter(_DropOrbaxInfo())

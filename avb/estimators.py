@@ -1,0 +1,267 @@
+"""Monte Carlo estimators of the ELBO and of log p(x) for AEVB.
+
+The SGVB estimators A and B of Kingma & Welling (2013, eqs. 6 and 7), an
+importance-sampled estimate of the marginal log-likelihood, and per-example
+gradients. The decoder comes in as a function, `log_likelihood_fn(z) -> log
+p(x|z)` with z: [L, B, J] -> [L, B], closing over x and the decoder parameters,
+so everything here stays pure and independent of the model. The encoder comes in
+as its outputs `mean`, `log_var`: [B, J] of the diagonal Gaussian q(z|x); the
+prior is p(z) = N(0, I).
+
+All estimators return per-example values ([B]); the caller averages.
+"""
+from collections.abc import Callable
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from avb import distributions
+
+LogLikelihoodFn = Callable[[jax.Array], jax.Array]
+
+
+def _check_num_samples(num_samples: int, name: str = "num_samples") -> None:
+  if not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"{name} must be a positive int, got {num_samples!r}.")
+
+
+def _posterior_log_prob_from_noise(
+    noise: jax.Array, log_var: jax.Array) -> jax.Array:
+  """log q(z|x) at z = mean + exp(log_var / 2) * noise, summed over latents.
+
+  Equal in value and gradient to `diag_gaussian_log_prob(z, mean, log_var)`, but
+  written in terms of the noise it avoids the cancellation in (z - mean) when the
+  posterior variance is tiny.
+
+  Args:
+    noise: the standard normal draws z was made from, [..., B, J].
+    log_var: posterior log-variance, [B, J].
+
+  Returns:
+    log q(z|x), [..., B].
+  """
+  return -0.5 * jnp.sum(
+      distributions.LOG_2PI + log_var + jnp.square(noise), axis=-1)
+
+
+def _draw(rng: jax.Array, mean: jax.Array, log_var: jax.Array,
+          num_samples: int) -> tuple[jax.Array, jax.Array]:
+  """Noise and z for L samples; z equals `gaussian_sample(rng, ..., L)`."""
+  noise = jax.random.normal(
+      rng, (num_samples, *mean.shape), dtype=jnp.result_type(mean))  # [L, B, J]
+  z = distributions.gaussian_sample_from_noise(noise, mean, log_var)  # [L, B, J]
+  return noise, z
+
+
+def sgvb_a(
+    rng: jax.Array,
+    mean: jax.Array,
+    log_var: jax.Array,
+    log_likelihood_fn: LogLikelihoodFn,
+    num_samples: int = 1,
+) -> dict[str, jax.Array]:
+  """SGVB estimator A (paper eq. 6): all three terms by Monte Carlo.
+
+  ELBO ~= 1/L sum_l [log p(x|z_l) + log p(z_l) - log q(z_l|x)], with
+  z_l = mean + exp(log_var / 2) * eps_l, eps_l ~ N(0, I). Unbiased for the ELBO;
+  with q equal to the exact posterior every summand is log p(x), so its variance
+  is zero.
+
+  Args:
+    rng: PRNG key; the same key gives the same z as `sgvb_b` and as
+      `distributions.gaussian_sample(rng, mean, log_var, num_samples)`.
+    mean: mean of q(z|x), [B, J].
+    log_var: log-variance of q(z|x), [B, J].
+    log_likelihood_fn: z [L, B, J] -> log p(x|z) [L, B].
+    num_samples: L, the number of samples per example.
+
+  Returns:
+    A dict of per-example terms:
+      "elbo": [B], the estimate above.
+      "reconstruction": [B], mean over L of log p(x|z_l).
+      "kl": [B], the Monte Carlo estimate mean over L of
+        log q(z_l|x) - log p(z_l), so that elbo = reconstruction - kl.
+      "kl_per_latent": [B, J], the closed-form KL per latent, for logging.
+      "z": [L, B, J], the samples.
+  """
+  _check_num_samples(num_samples)
+  noise, z = _draw(rng, mean, log_var, num_samples)
+  log_likelihood = log_likelihood_fn(z)  # [L, B]
+  log_prior = distributions.standard_normal_log_prob(z)  # [L, B]
+  log_posterior = _posterior_log_prob_from_noise(noise, log_var)  # [L, B]
+  reconstruction = jnp.mean(log_likelihood, axis=0)  # [B]
+  kl = jnp.mean(log_posterior - log_prior, axis=0)  # [B]
+  return {
+      "elbo": reconstruction - kl,  # [B]
+      "reconstruction": reconstruction,
+      "kl": kl,
+      "kl_per_latent": distributions.kl_to_standard_normal(mean, log_var),
+      "z": z,
+  }
+
+
+def sgvb_b(
+    rng: jax.Array,
+    mean: jax.Array,
+    log_var: jax.Array,
+    log_likelihood_fn: LogLikelihoodFn,
+    num_samples: int = 1,
+) -> dict[str, jax.Array]:
+  """SGVB estimator B (paper eq. 7): closed-form KL, Monte Carlo reconstruction.
+
+  ELBO ~= -KL(q(z|x) || N(0, I)) + 1/L sum_l log p(x|z_l). Same expectation as
+  estimator A, usually lower variance because the KL needs no sampling.
+
+  Args:
+    rng: PRNG key; the same key gives the same z as `sgvb_a`.
+    mean: mean of q(z|x), [B, J].
+    log_var: log-variance of q(z|x), [B, J].
+    log_likelihood_fn: z [L, B, J] -> log p(x|z) [L, B].
+    num_samples: L, the number of samples per example.
+
+  Returns:
+    A dict of per-example terms:
+      "elbo": [B], the estimate above.
+      "reconstruction": [B], mean over L of log p(x|z_l).
+      "kl": [B], the closed-form KL.
+      "kl_per_latent": [B, J], the closed-form KL per latent.
+      "z": [L, B, J], the samples.
+  """
+  _check_num_samples(num_samples)
+  _, z = _draw(rng, mean, log_var, num_samples)
+  reconstruction = jnp.mean(log_likelihood_fn(z), axis=0)  # [B]
+  kl_per_latent = distributions.kl_to_standard_normal(mean, log_var)  # [B, J]
+  kl = jnp.sum(kl_per_latent, axis=-1)  # [B]
+  return {
+      "elbo": reconstruction - kl,  # [B]
+      "reconstruction": reconstruction,
+      "kl": kl,
+      "kl_per_latent": kl_per_latent,
+      "z": z,
+  }
+
+
+ESTIMATORS = {"A": sgvb_a, "B": sgvb_b}
+
+
+def elbo_terms(
+    estimator: str,
+    rng: jax.Array,
+    mean: jax.Array,
+    log_var: jax.Array,
+    log_likelihood_fn: LogLikelihoodFn,
+    num_samples: int = 1,
+) -> dict[str, jax.Array]:
+  """Runs the SGVB estimator named `estimator` ("A" or "B").
+
+  Args:
+    estimator: a key of `ESTIMATORS`.
+    rng: PRNG key.
+    mean: mean of q(z|x), [B, J].
+    log_var: log-variance of q(z|x), [B, J].
+    log_likelihood_fn: z [L, B, J] -> log p(x|z) [L, B].
+    num_samples: L, the number of samples per example.
+
+  Returns:
+    The estimator's dict of per-example terms (see `sgvb_a`, `sgvb_b`).
+
+  Raises:
+    ValueError: for an unknown estimator name.
+  """
+  if estimator not in ESTIMATORS:
+    raise ValueError(
+        f"Unknown estimator {estimator!r}; expected one of {tuple(ESTIMATORS)}.")
+  return ESTIMATORS[estimator](
+      rng, mean, log_var, log_likelihood_fn, num_samples=num_samples)
+
+
+def importance_log_likelihood(
+    rng: jax.Array,
+    mean: jax.Array,
+    log_var: jax.Array,
+    log_likelihood_fn: LogLikelihoodFn,
+    num_samples: int,
+    chunk_size: int = 500,
+) -> jax.Array:
+  """Importance-sampled log p(x) with q(z|x) as the proposal.
+
+  log p(x) ~= log 1/K sum_k exp(log p(x|z_k) + log p(z_k) - log q(z_k|x)),
+  z_k ~ q(z|x). A lower bound in expectation that tightens as K grows (Burda et
+  al. 2016), and exact for any K when q is the true posterior.
+
+  The K samples are taken chunk_size at a time under `lax.scan`, folding each
+  chunk into a running logsumexp, so memory is bounded by chunk_size decoder
+  passes however large K is. Sample k uses its own key,
+  `jax.random.split(rng, num_samples)[k]`, drawing noise of shape [B, J]; so the
+  samples, and hence the result up to float rounding, do not depend on
+  chunk_size. When chunk_size does not divide K the last, shorter chunk is
+  evaluated after the scan.
+
+  Args:
+    rng: PRNG key.
+    mean: mean of q(z|x), [B, J].
+    log_var: log-variance of q(z|x), [B, J].
+    log_likelihood_fn: z [C, B, J] -> log p(x|z) [C, B]; called with C equal to
+      chunk_size and, if K is not a multiple of it, once with the remainder.
+    num_samples: K; static under jit.
+    chunk_size: samples per decoder call; static under jit. Clipped to K.
+
+  Returns:
+    The estimate of log p(x), [B].
+  """
+  _check_num_samples(num_samples)
+  _check_num_samples(chunk_size, "chunk_size")
+  chunk_size = min(chunk_size, num_samples)
+  num_chunks, remainder = divmod(num_samples, chunk_size)
+  dtype = jnp.result_type(mean)
+  keys = jax.random.split(rng, num_samples)  # [K] keys
+
+  def chunk_log_sum_exp(chunk_keys: jax.Array) -> jax.Array:
+    noise = jax.vmap(
+        lambda key: jax.random.normal(key, mean.shape, dtype=dtype))(
+            chunk_keys)  # [C, B, J]
+    z = distributions.gaussian_sample_from_noise(noise, mean, log_var)
+    log_weights = (
+        log_likelihood_fn(z)
+        + distributions.standard_normal_log_prob(z)
+        - _posterior_log_prob_from_noise(noise, log_var))  # [C, B]
+    return jax.nn.logsumexp(log_weights.astype(dtype), axis=0)  # [B]
+
+  def step(running: jax.Array, chunk_keys: jax.Array):
+    # logaddexp of two max-stabilised logsumexps is itself max-stabilised, and
+    # it treats the initial -inf exactly.
+    return jnp.logaddexp(running, chunk_log_sum_exp(chunk_keys)), None
+
+  full_keys = keys[:num_chunks * chunk_size].reshape(
+      (num_chunks, chunk_size, *keys.shape[1:]))  # [num_chunks, C] keys
+  running = jnp.full(mean.shape[:-1], -jnp.inf, dtype=dtype)  # [B]
+  running, _ = jax.lax.scan(step, running, full_keys)
+  if remainder:
+    running, _ = step(running, keys[num_chunks * chunk_size:])
+  return running - math.log(num_samples)  # [B]
+
+
+def per_example_grads(
+    loss_fn: Callable[..., jax.Array], params: Any, *args: Any) -> Any:
+  """Gradients of a per-example loss for every example of a batch.
+
+  Computed as `jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, 0, ...))`: one
+  backward pass per example, vectorised, no Python loop.
+
+  Each example must draw its own randomness: pass a batch of keys (e.g.
+  `jax.random.split(rng, B)`) as one of `args` and let `loss_fn` use its own.
+  A single key closed over by `loss_fn` would give every example the same noise.
+
+  Args:
+    loss_fn: `loss_fn(params, *example_args) -> scalar` for ONE example, each
+      argument without the batch axis.
+    params: pytree of parameters, shared across the batch.
+    *args: per-example arguments, each with a leading batch axis [B, ...].
+
+  Returns:
+    A pytree shaped like `params` with every leaf given a leading [B] axis.
+  """
+  in_axes = (None,) + (0,) * len(args)
+  return jax.vmap(jax.grad(loss_fn), in_axes=in_axes)(params, *args)
