@@ -116,7 +116,11 @@ def validate_config(config: ml_collections.ConfigDict,
   _require(model.num_latents >= 1, "model.num_latents", model.num_latents,
            "must be >= 1 (set it with :latent_dim=N)")
   sizes = tuple(model.hidden_sizes)
-  _require(len(sizes) >= 1 and all(int(s) >= 1 for s in sizes),
+  try:
+    widths_ok = len(sizes) >= 1 and all(int(s) >= 1 for s in sizes)
+  except (TypeError, ValueError):  # e.g. --config.model.hidden_sizes=(a,)
+    widths_ok = False
+  _require(widths_ok,
            "model.hidden_sizes", sizes,
            "must be a non-empty tuple of positive widths, e.g. (500,)")
   _one_of("model.activation", model.activation, ACTIVATIONS)
@@ -150,6 +154,9 @@ def validate_config(config: ml_collections.ConfigDict,
            training.batch_size,
            f"must be divisible by the {num_devices} devices; use a multiple "
            f"of {num_devices}, e.g. {num_devices * max(1, training.batch_size // num_devices)}")
+  keep = training.get("max_checkpoints_to_keep")
+  _require(keep is None or keep >= 1, "training.max_checkpoints_to_keep", keep,
+           "must be >= 1, or None for all (a rerun resumes from the last)")
 
   evaluation = config.eval
   _require(evaluation.batch_size >= 1 and evaluation.batch_size % num_devices == 0,
@@ -157,6 +164,13 @@ def validate_config(config: ml_collections.ConfigDict,
            f"must be a positive multiple of the {num_devices} devices")
   _require(evaluation.num_samples >= 1, "eval.num_samples",
            evaluation.num_samples, "must be >= 1")
+  # An empty evaluation set would divide by zero after training finished.
+  _require(evaluation.train_examples >= 1, "eval.train_examples",
+           evaluation.train_examples, "must be >= 1")
+  ll_examples = evaluation.get("log_likelihood_examples")
+  _require(ll_examples is None or ll_examples >= 1,
+           "eval.log_likelihood_examples", ll_examples,
+           "must be >= 1 (or unset for the whole test split)")
   _require(evaluation.log_likelihood_samples >= 0,
            "eval.log_likelihood_samples", evaluation.log_likelihood_samples,
            "must be >= 0 (0 skips the importance-sampled estimate)")

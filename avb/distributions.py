@@ -1,9 +1,10 @@
 """Log-densities, KL divergences and reparameterized samplers for AEVB.
 
 Everything here is a pure function of arrays, computed in log space so that no
-probability is ever formed and then logged (no `log(sigmoid(.))`). Functions are
-elementwise unless their docstring says "summed"; the summed ones reduce over the
-last (latent or data) axes and broadcast over any leading batch or sample axes.
+probability is ever formed and then logged (no `log(sigmoid(.))`). Functions
+are elementwise unless their docstring says "summed"; the summed ones reduce
+over the last (latent or data) axes and broadcast over any leading batch or
+sample axes.
 
 Gaussians are parameterized by their mean and log-variance, as the encoder and
 decoder of Kingma & Welling (2013) output them.
@@ -28,9 +29,9 @@ def gaussian_sample_from_noise(
     noise: jax.Array, mean: jax.Array, log_var: jax.Array) -> jax.Array:
   """The reparameterization z = mean + exp(log_var / 2) * noise.
 
-  Being a deterministic, differentiable map of (mean, log_var) for fixed noise is
-  what lets gradients of a Monte Carlo objective flow into the encoder (paper
-  section 2.4).
+  Being a deterministic, differentiable map of (mean, log_var) for fixed noise
+  is what lets gradients of a Monte Carlo objective flow into the encoder
+  (paper section 2.4).
 
   Args:
     noise: standard normal draws; broadcasts against `mean`, typically
@@ -157,10 +158,11 @@ def kl_diag_gaussians(
 def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
   """Elementwise x * log sigmoid(logits) + (1 - x) * log sigmoid(-logits).
 
-  For binary x this is the Bernoulli log-pmf. For grey-level x in [0, 1] (how the
-  paper uses it on MNIST intensities) it is the negative binary cross-entropy: a
-  useful reconstruction term but not a normalised density over [0, 1], so
-  log-likelihoods reported with it are not comparable to those of binarized data.
+  For binary x this is the Bernoulli log-pmf. For grey-level x in [0, 1] (how
+  the paper uses it on MNIST intensities) it is the negative binary
+  cross-entropy: a useful reconstruction term but not a normalised density over
+  [0, 1], so log-likelihoods reported with it are not comparable to those of
+  binarized data.
 
   Args:
     x: targets in [0, 1]; broadcasts against `logits`.
@@ -169,7 +171,8 @@ def bernoulli_log_prob(x: jax.Array, logits: jax.Array) -> jax.Array:
   Returns:
     The elementwise log-probability; finite for any finite logits.
   """
-  return x * jax.nn.log_sigmoid(logits) + (1.0 - x) * jax.nn.log_sigmoid(-logits)
+  return (x * jax.nn.log_sigmoid(logits)
+          + (1.0 - x) * jax.nn.log_sigmoid(-logits))
 
 
 def likelihood_log_prob(
@@ -178,8 +181,8 @@ def likelihood_log_prob(
 
   Args:
     likelihood: one of `LIKELIHOODS`. "bernoulli" needs params {"logits"};
-      "gaussian" needs {"mean", "log_var"}, with the mean already squashed by the
-      decoder and a per-pixel log-variance (paper appendix C, Frey Face).
+      "gaussian" needs {"mean", "log_var"}, with the mean already squashed by
+      the decoder and a per-pixel log-variance (paper appendix C, Frey Face).
     x: data, [B, *data_shape] (usually flattened, [B, D]).
     params: decoder outputs, each broadcasting against `x` with any number of
       extra leading sample axes, e.g. logits: [L, B, D].
@@ -195,11 +198,11 @@ def likelihood_log_prob(
   if likelihood not in _LIKELIHOOD_PARAMS:
     raise ValueError(
         f"Unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}.")
-  missing = [k for k in _LIKELIHOOD_PARAMS[likelihood] if k not in params]
+  needed = _LIKELIHOOD_PARAMS[likelihood]
+  missing = tuple(k for k in needed if k not in params)
   if missing:
     raise ValueError(
-        f"Likelihood {likelihood!r} needs params {_LIKELIHOOD_PARAMS[likelihood]}"
-        f", missing {tuple(missing)}.")
+        f"Likelihood {likelihood!r} needs params {needed}, missing {missing}.")
   if x.ndim < 2:
     raise ValueError(
         f"x must be [B, *data_shape] with a batch axis, got shape {x.shape}.")

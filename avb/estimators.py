@@ -12,6 +12,7 @@ All estimators return per-example values ([B]); the caller averages.
 """
 from collections.abc import Callable
 import math
+import operator
 from typing import Any
 
 import jax
@@ -22,18 +23,24 @@ from avb import distributions
 LogLikelihoodFn = Callable[[jax.Array], jax.Array]
 
 
-def _check_num_samples(num_samples: int, name: str = "num_samples") -> None:
-  if not isinstance(num_samples, int) or num_samples < 1:
+def _check_num_samples(num_samples: int, name: str = "num_samples") -> int:
+  """Returns `num_samples` as an int, or raises: it sets static shapes."""
+  try:
+    value = operator.index(num_samples)
+  except TypeError:
+    value = 0
+  if value < 1:
     raise ValueError(f"{name} must be a positive int, got {num_samples!r}.")
+  return value
 
 
 def _posterior_log_prob_from_noise(
     noise: jax.Array, log_var: jax.Array) -> jax.Array:
   """log q(z|x) at z = mean + exp(log_var / 2) * noise, summed over latents.
 
-  Equal in value and gradient to `diag_gaussian_log_prob(z, mean, log_var)`, but
-  written in terms of the noise it avoids the cancellation in (z - mean) when the
-  posterior variance is tiny.
+  Equal in value and gradient to `diag_gaussian_log_prob(z, mean, log_var)`,
+  but written in terms of the noise it avoids the cancellation in (z - mean)
+  when the posterior variance is tiny.
 
   Args:
     noise: the standard normal draws z was made from, [..., B, J].
@@ -51,7 +58,8 @@ def _draw(rng: jax.Array, mean: jax.Array, log_var: jax.Array,
   """Noise and z for L samples; z equals `gaussian_sample(rng, ..., L)`."""
   noise = jax.random.normal(
       rng, (num_samples, *mean.shape), dtype=jnp.result_type(mean))  # [L, B, J]
-  z = distributions.gaussian_sample_from_noise(noise, mean, log_var)  # [L, B, J]
+  z = distributions.gaussian_sample_from_noise(
+      noise, mean, log_var)  # [L, B, J]
   return noise, z
 
 
@@ -86,7 +94,7 @@ def sgvb_a(
       "kl_per_latent": [B, J], the closed-form KL per latent, for logging.
       "z": [L, B, J], the samples.
   """
-  _check_num_samples(num_samples)
+  num_samples = _check_num_samples(num_samples)
   noise, z = _draw(rng, mean, log_var, num_samples)
   log_likelihood = log_likelihood_fn(z)  # [L, B]
   log_prior = distributions.standard_normal_log_prob(z)  # [L, B]
@@ -129,7 +137,7 @@ def sgvb_b(
       "kl_per_latent": [B, J], the closed-form KL per latent.
       "z": [L, B, J], the samples.
   """
-  _check_num_samples(num_samples)
+  num_samples = _check_num_samples(num_samples)
   _, z = _draw(rng, mean, log_var, num_samples)
   reconstruction = jnp.mean(log_likelihood_fn(z), axis=0)  # [B]
   kl_per_latent = distributions.kl_to_standard_normal(mean, log_var)  # [B, J]
@@ -171,8 +179,8 @@ def elbo_terms(
     ValueError: for an unknown estimator name.
   """
   if estimator not in ESTIMATORS:
-    raise ValueError(
-        f"Unknown estimator {estimator!r}; expected one of {tuple(ESTIMATORS)}.")
+    raise ValueError(f"Unknown estimator {estimator!r}; expected one of "
+                     f"{tuple(ESTIMATORS)}.")
   return ESTIMATORS[estimator](
       rng, mean, log_var, log_likelihood_fn, num_samples=num_samples)
 
@@ -191,34 +199,53 @@ def importance_log_likelihood(
   z_k ~ q(z|x). A lower bound in expectation that tightens as K grows (Burda et
   al. 2016), and exact for any K when q is the true posterior.
 
-  The K samples are taken chunk_size at a time under `lax.scan`, folding each
-  chunk into a running logsumexp, so memory is bounded by chunk_size decoder
-  passes however large K is. Sample k uses its own key,
+  The K samples are taken in chunks under `lax.scan`, each chunk folded into a
+  running logsumexp, so memory is bounded by one chunk of decoder passes however
+  large K is, under jax.grad too. Sample k uses its own key,
   `jax.random.split(rng, num_samples)[k]`, drawing noise of shape [B, J]; so the
   samples, and hence the result up to float rounding, do not depend on
-  chunk_size. When chunk_size does not divide K the last, shorter chunk is
-  evaluated after the scan.
+  chunk_size.
+
+  The chunks are balanced: ceil(K / chunk_size) of them, each of
+  ceil(K / num_chunks) <= chunk_size samples. When that overshoots K, the last
+  chunk is padded with repeated keys whose log-weights are masked to -inf, which
+  wastes fewer than num_chunks decoder passes and keeps a single traced decoder
+  call (a separate remainder call would double compile time).
 
   Args:
     rng: PRNG key.
     mean: mean of q(z|x), [B, J].
     log_var: log-variance of q(z|x), [B, J].
-    log_likelihood_fn: z [C, B, J] -> log p(x|z) [C, B]; called with C equal to
-      chunk_size and, if K is not a multiple of it, once with the remainder.
+    log_likelihood_fn: z [C, B, J] -> log p(x|z) [C, B], called (traced) once
+      with C the balanced chunk size described above.
     num_samples: K; static under jit.
-    chunk_size: samples per decoder call; static under jit. Clipped to K.
+    chunk_size: the most samples per decoder call; static under jit.
 
   Returns:
     The estimate of log p(x), [B].
   """
-  _check_num_samples(num_samples)
-  _check_num_samples(chunk_size, "chunk_size")
-  chunk_size = min(chunk_size, num_samples)
-  num_chunks, remainder = divmod(num_samples, chunk_size)
+  num_samples = _check_num_samples(num_samples)
+  chunk_size = _check_num_samples(chunk_size, "chunk_size")
+  num_chunks = -(-num_samples // chunk_size)
+  chunk_size = -(-num_samples // num_chunks)
+  num_padded = num_chunks * chunk_size  # in [K, K + num_chunks)
   dtype = jnp.result_type(mean)
-  keys = jax.random.split(rng, num_samples)  # [K] keys
 
-  def chunk_log_sum_exp(chunk_keys: jax.Array) -> jax.Array:
+  keys = jax.random.split(rng, num_samples)  # [K] keys
+  if num_padded > num_samples:
+    # Pad with existing keys rather than splitting num_padded keys, because
+    # split's output depends on the count and would change every sample.
+    keys = jnp.concatenate([keys, keys[:num_padded - num_samples]])
+  keys = keys.reshape((num_chunks, chunk_size, *keys.shape[1:]))
+  is_real = (jnp.arange(num_padded) < num_samples).reshape(
+      num_chunks, chunk_size)  # [num_chunks, C]
+
+  # Rematerialised so that differentiating the estimate (e.g. for an
+  # importance-weighted objective) also keeps only one chunk of activations
+  # alive, instead of scan saving every chunk's for the backward pass.
+  @jax.checkpoint
+  def step(running: jax.Array, chunk: tuple[jax.Array, jax.Array]):
+    chunk_keys, chunk_is_real = chunk  # [C] keys, [C]
     noise = jax.vmap(
         lambda key: jax.random.normal(key, mean.shape, dtype=dtype))(
             chunk_keys)  # [C, B, J]
@@ -227,19 +254,17 @@ def importance_log_likelihood(
         log_likelihood_fn(z)
         + distributions.standard_normal_log_prob(z)
         - _posterior_log_prob_from_noise(noise, log_var))  # [C, B]
-    return jax.nn.logsumexp(log_weights.astype(dtype), axis=0)  # [B]
-
-  def step(running: jax.Array, chunk_keys: jax.Array):
+    log_weights = jnp.where(
+        chunk_is_real[:, None], log_weights.astype(dtype), -jnp.inf)
     # logaddexp of two max-stabilised logsumexps is itself max-stabilised, and
-    # it treats the initial -inf exactly.
-    return jnp.logaddexp(running, chunk_log_sum_exp(chunk_keys)), None
+    # it treats the initial -inf exactly. Every chunk holds a real sample, so
+    # padding alone never turns a chunk's logsumexp into -inf.
+    running = jnp.logaddexp(
+        running, jax.nn.logsumexp(log_weights, axis=0))  # [B]
+    return running, None
 
-  full_keys = keys[:num_chunks * chunk_size].reshape(
-      (num_chunks, chunk_size, *keys.shape[1:]))  # [num_chunks, C] keys
   running = jnp.full(mean.shape[:-1], -jnp.inf, dtype=dtype)  # [B]
-  running, _ = jax.lax.scan(step, running, full_keys)
-  if remainder:
-    running, _ = step(running, keys[num_chunks * chunk_size:])
+  running, _ = jax.lax.scan(step, running, (keys, is_real))
   return running - math.log(num_samples)  # [B]
 
 

@@ -14,6 +14,7 @@ minibatches and noise that the uninterrupted run would have.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -37,6 +38,9 @@ from avb import models
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
+
+# How many training steps may be dispatched ahead of the host (see the loop).
+_MAX_STEPS_IN_FLIGHT = 4
 
 
 class NonFiniteError(RuntimeError):
@@ -291,6 +295,7 @@ def evaluate(batch_fn: Callable, params: PyTree, images: np.ndarray,
   x = images.reshape(images.shape[0], -1).astype(np.float32)
   n = x.shape[0]
   totals = None
+  in_flight = collections.deque()
   for index, start in enumerate(range(0, n, batch_size)):
     chunk = x[start:start + batch_size]
     mask = np.ones(len(chunk), np.float32)
@@ -301,6 +306,9 @@ def evaluate(batch_fn: Callable, params: PyTree, images: np.ndarray,
     sums = batch_fn(params, to_global(chunk, sharding), to_global(mask, sharding),
                     jax.random.fold_in(rng, index))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    in_flight.append(sums["count"])
+    if len(in_flight) > _MAX_STEPS_IN_FLIGHT:  # see the training loop
+      in_flight.popleft().block_until_ready()
   return jax.tree.map(np.asarray, jax.device_get(totals))
 
 
@@ -499,13 +507,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   accumulated, accumulated_steps = None, 0
   interval_start, interval_step = time.time(), initial_step
-  step = initial_step
+  in_flight = collections.deque()
   try:
     for step in range(initial_step, num_steps):
       batch = {"image": to_global(train_images[order.indices(step)], sharded)}
       state, metrics = train_step(state, batch)
-      accumulated = metrics if accumulated is None else _accumulate(accumulated, metrics)
+      if accumulated is None:
+        accumulated = jax.tree.map(jnp.zeros_like, metrics)
+      accumulated = _accumulate(accumulated, metrics)
       accumulated_steps += 1
+      # Bound the number of dispatched-but-unfinished steps. XLA's CPU client
+      # aborts ("Termination timeout for all reduce") when dozens of
+      # multi-device steps queue up; waiting on a step a few behind costs
+      # nothing on any backend, since the device is still busy with the next.
+      in_flight.append(metrics["loss"])
+      if len(in_flight) > _MAX_STEPS_IN_FLIGHT:
+        in_flight.popleft().block_until_ready()
       done = step + 1
       if done % config.training.log_every == 0 or done == num_steps:
         check_finite()

@@ -1,4 +1,4 @@
-"""Tests for avb.distributions against scipy.stats, closed forms and Monte Carlo.
+"""Tests for avb.distributions: scipy.stats, closed forms and Monte Carlo.
 
 Monte Carlo checks use a tolerance of 5 standard errors (estimated from the same
 samples), so a correct implementation fails with probability well under 1e-5 per

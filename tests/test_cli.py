@@ -1,0 +1,354 @@
+"""End-to-end tests of the entry points experiments/mnist.py and frey_face.py.
+
+The real command lines run as subprocesses (they inherit the 8 forced CPU
+devices of conftest.py): a `smoke` run of each experiment, a rerun that
+resumes, and a few bad inputs that must end with one `error: ...` line and
+exit status 1, never a traceback. The other expected failures (an
+incompatible checkpoint, missing data) are checked in-process, which is much
+cheaper than a subprocess.
+
+Each subprocess pays several seconds of imports (JAX, TensorFlow through
+clu), so they all start at once in a module-scoped fixture and run side by
+side, and beside the in-process tests.
+"""
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from avb import config_utils
+from avb import data
+from avb import train
+from experiments.configs import frey_face as frey_face_config
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(
+    os.environ.get("AVB_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+EXPERIMENTS = ("mnist", "frey_face")
+SMOKE_STEPS = 30
+TIMEOUT_S = 600
+TRAIN_KEYS = ("loss", "elbo", "reconstruction", "kl", "kl_per_latent",
+              "l2_grads", "l2_params", "steps_per_sec", "eta_seconds")
+SUMMARY_KEYS = ("train_elbo", "test_elbo", "test_log_likelihood", "steps",
+                "examples_seen", "wall_time_s")
+
+
+class Run:
+  """A finished subprocess: its workdir, exit status and output."""
+
+  def __init__(self, workdir: pathlib.Path, returncode: int, stdout: str,
+               stderr: str):
+    self.workdir = workdir
+    self.returncode = returncode
+    self.stdout = stdout
+    self.stderr = stderr
+
+  def last_stderr_line(self) -> str:
+    lines = [line for line in self.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _command(experiment: str, *args: str) -> list[str]:
+  return [sys.executable, "-m", f"experiments.{experiment}", *args]
+
+
+def _smoke_args(experiment: str, workdir: pathlib.Path) -> list[str]:
+  return [f"--config=experiments/configs/{experiment}.py:smoke",
+          f"--workdir={workdir}"]
+
+
+class Background:
+  """Subprocesses started at once from the repo root, waited on when needed.
+
+  Output goes to files, not pipes, so a chatty process never blocks on a full
+  pipe while another one is being waited on.
+  """
+
+  def __init__(self, log_dir: pathlib.Path):
+    self._log_dir = log_dir
+    self._log_dir.mkdir(parents=True, exist_ok=True)
+    self._env = dict(os.environ)
+    if SHARED_DATA.is_dir():
+      self._env.setdefault("AVB_DATA_DIR", str(SHARED_DATA))
+    self._started = {}
+    self._finished = {}
+
+  def start(self, name: str, argv: list[str], workdir: pathlib.Path,
+            niceness: int = 0) -> None:
+    """Starts `argv`; a positive `niceness` lets the others go first."""
+    out = open(self._log_dir / f"{name}.out", "w")
+    err = open(self._log_dir / f"{name}.err", "w")
+    process = subprocess.Popen(
+        argv, cwd=REPO_ROOT, env=self._env, stdout=out, stderr=err,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
+    self._started[name] = (process, workdir, out, err)
+
+  def result(self, name: str) -> Run:
+    """Waits for the process `name` and returns its Run."""
+    if name not in self._finished:
+      process, workdir, out, err = self._started[name]
+      try:
+        returncode = process.wait(timeout=TIMEOUT_S)
+      except subprocess.TimeoutExpired:
+        process.kill()
+        returncode = process.wait()
+      out.close()
+      err.close()
+      self._finished[name] = Run(
+          workdir, returncode, (self._log_dir / f"{name}.out").read_text(),
+          (self._log_dir / f"{name}.err").read_text())
+    return self._finished[name]
+
+  def stop(self) -> None:
+    """Kills what is still running (a test that failed early)."""
+    for process, _, out, err in self._started.values():
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+      out.close()
+      err.close()
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines()
+          if line.strip()]
+
+
+def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.is_dir() and p.name.isdigit())
+
+
+def _finite(value) -> bool:
+  if isinstance(value, list):
+    return all(_finite(v) for v in value)
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+BAD_INPUTS = {
+    # name: (extra flags, text the error line must contain)
+    "unknown_field": (["--config.model.bogus=1"], "config.model.bogus"),
+    "unknown_config_arg": (["--config=experiments/configs/mnist.py:smok"],
+                           "'smok'"),
+    "zero_latents": (["--config.model.num_latents=0"], "model.num_latents=0"),
+    "workdir_is_a_file": ([], "is a file"),
+}
+
+
+@pytest.fixture(scope="module")
+def background(tmp_path_factory):
+  """Starts every subprocess of this file at once.
+
+  These are a `smoke` run per experiment and one run per BAD_INPUTS entry.
+  Most of their time goes to imports and compilation, so running them side by
+  side, and beside the in-process tests, shortens the file a lot.
+  """
+  root = tmp_path_factory.mktemp("cli")
+  runs = Background(root / "logs")
+  for experiment in EXPERIMENTS:
+    if experiment == "frey_face" and not (SHARED_DATA / "frey_face").is_dir():
+      continue  # Its tests are skipped; MNIST has an offline fallback.
+    runs.start(experiment, _command(experiment, *_smoke_args(experiment, root / experiment)),
+               root / experiment)
+  for name, (flags, _) in BAD_INPUTS.items():
+    workdir = root / f"bad_{name}"
+    if name == "workdir_is_a_file":
+      workdir.write_text("not a directory")
+    config_flag, workdir_flag = _smoke_args("mnist", workdir)
+    # A later --config= replaces the first; --config.x=... overrides add to it.
+    # Niced: the MNIST smoke run is on the critical path (the rerun waits
+    # for it); these are not.
+    runs.start(f"bad_{name}",
+               _command("mnist", config_flag, *flags, workdir_flag), workdir,
+               niceness=10)
+  yield runs
+  runs.stop()
+
+
+def _smoke_result(background: Background, experiment: str) -> Run:
+  if experiment == "frey_face" and not (SHARED_DATA / "frey_face").is_dir():
+    pytest.skip(f"no frey_face data in {SHARED_DATA}")
+  run = background.result(experiment)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return run
+
+
+@pytest.fixture(scope="module")
+def mnist_rerun(background, tmp_path_factory):
+  """Starts the MNIST smoke command again on a copy of its finished workdir.
+
+  Returns:
+    (the first run, the copy's path); `background.result("rerun")` waits for
+    the rerun.
+  """
+  first = _smoke_result(background, "mnist")
+  # A copy, so the other tests still see the first run's files.
+  workdir = tmp_path_factory.mktemp("rerun") / "mnist"
+  shutil.copytree(first.workdir, workdir)
+  background.start("rerun", _command("mnist", *_smoke_args("mnist", workdir)),
+                   workdir)
+  return first, workdir
+
+
+# ----------------------------------------------------------------------------
+# Expected failures inside train_and_evaluate, in-process: much cheaper than
+# a subprocess, and they run while the subprocesses do.
+
+
+@pytest.mark.usefixtures("background")
+@pytest.mark.parametrize("source", ["auto", "local"])
+def test_missing_frey_face_data_is_a_data_error(tmp_path, monkeypatch, source):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  # Offline, the error must come at once, not after a download attempt.
+  monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
+  config = frey_face_config.get_config("smoke")
+  config.data.data_dir = str(empty)
+  config.data.source = source
+  with pytest.raises(data.DataError) as info:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  message = str(info.value)
+  assert str(empty) in message
+  assert "frey_rawface.mat" in message
+  assert "\n" not in message
+
+
+@pytest.mark.usefixtures("mnist_rerun")  # So the rerun runs meanwhile.
+def test_incompatible_checkpoint_is_a_config_error(background, tmp_path,
+                                                   monkeypatch):
+  # The frey_face smoke run's workdir: unlike MNIST, loading its data does not
+  # import TensorFlow, so this test stays cheap.
+  first = _smoke_result(background, "frey_face")
+  workdir = tmp_path / "frey_face"
+  shutil.copytree(first.workdir, workdir)
+  files_before = sorted(p for p in workdir.rglob("*"))
+  monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
+  config = frey_face_config.get_config("smoke")
+  config.model.num_latents = 3  # The smoke run has 4.
+
+  with pytest.raises(config_utils.ConfigError) as info:
+    train.train_and_evaluate(config, str(workdir))
+
+  message = str(info.value)
+  assert str(workdir) in message
+  assert "different model" in message
+  assert "\n" not in message
+  # The old run is left as it was.
+  assert sorted(p for p in workdir.rglob("*")) == files_before
+
+
+def test_rerun_resumes_from_the_last_checkpoint(background, mnist_rerun):
+  first, workdir = mnist_rerun
+  train_before = [r for r in _read_jsonl(first.workdir / "metrics.jsonl")
+                  if r["split"] == "train"]
+
+  rerun = background.result("rerun")
+
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "Traceback" not in rerun.stderr
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["resumed_from_step"] == SMOKE_STEPS
+  assert summary["steps"] == SMOKE_STEPS
+  # Nothing was trained again: no new train records, no new checkpoint.
+  train_after = [r for r in _read_jsonl(workdir / "metrics.jsonl")
+                 if r["split"] == "train"]
+  assert train_after == train_before
+  assert _checkpoint_steps(workdir)[-1] == SMOKE_STEPS
+  # The restored parameters are evaluated with the same keys.
+  first_summary = json.loads((first.workdir / "summary.json").read_text())
+  assert summary["test_elbo"] == pytest.approx(first_summary["test_elbo"],
+                                               rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# What the smoke runs wrote.
+
+
+@pytest.fixture(params=EXPERIMENTS)
+def smoke_run(request, background) -> Run:
+  return _smoke_result(background, request.param)
+
+
+def test_smoke_run_succeeds_without_traceback(smoke_run):
+  assert "Traceback" not in smoke_run.stderr
+
+
+def test_smoke_run_writes_checkpoints(smoke_run):
+  steps = _checkpoint_steps(smoke_run.workdir)
+  assert steps and steps[-1] == SMOKE_STEPS, steps
+
+
+def test_smoke_run_writes_metrics_jsonl(smoke_run):
+  records = _read_jsonl(smoke_run.workdir / "metrics.jsonl")
+  summary = json.loads((smoke_run.workdir / "summary.json").read_text())
+  num_latents = summary["num_latents"]
+  train_records = [r for r in records if r["split"] == "train"]
+  test_records = [r for r in records if r["split"] == "test"]
+  assert [r["step"] for r in train_records] == [10, 20, 30]  # log_every 10
+  for record in train_records:
+    for key in TRAIN_KEYS:
+      assert key in record, (key, record)
+      assert _finite(record[key]), (key, record)
+    assert len(record["kl_per_latent"]) == num_latents
+    # The KL of a diagonal Gaussian to N(0, I) splits over the latents.
+    assert sum(record["kl_per_latent"]) == pytest.approx(record["kl"], rel=1e-4)
+  assert train_records[-1]["eta_seconds"] == pytest.approx(0, abs=1e-6)
+  assert any("elbo" in r for r in test_records)
+  assert any("log_likelihood" in r for r in test_records)
+  for record in test_records:
+    assert all(_finite(v) for k, v in record.items() if k != "split")
+
+
+def test_smoke_run_writes_tensorboard_events(smoke_run):
+  events = list(smoke_run.workdir.glob("**/events.out.tfevents.*"))
+  assert events, list(smoke_run.workdir.iterdir())
+  assert all(e.stat().st_size > 0 for e in events)
+
+
+def test_smoke_run_writes_summary(smoke_run):
+  summary = json.loads((smoke_run.workdir / "summary.json").read_text())
+  config = json.loads((smoke_run.workdir / "config.json").read_text())
+  for key in SUMMARY_KEYS:
+    assert _finite(summary[key]), (key, summary)
+  assert summary["steps"] == SMOKE_STEPS
+  assert summary["examples_seen"] == SMOKE_STEPS * config["training"]["batch_size"]
+  assert summary["resumed_from_step"] is None
+
+
+def test_smoke_run_writes_image_grids(smoke_run):
+  for name in ("reconstructions", "samples"):
+    paths = list((smoke_run.workdir / "images").glob(f"{name}_*.png"))
+    assert paths, name
+    for path in paths:
+      image = matplotlib.image.imread(path)
+      assert image.ndim in (2, 3) and image.shape[0] > 0 and image.shape[1] > 0
+      assert image.min() >= 0 and image.max() <= 1
+      assert image.std() > 0, f"{path} is blank"
+
+
+# ----------------------------------------------------------------------------
+# Bad input on the command line.
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_is_one_error_line(background, name):
+  run = background.result(f"bad_{name}")
+  expected = BAD_INPUTS[name][1]
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert "Traceback" not in run.stderr, run.stderr[-3000:]
+  last = run.last_stderr_line()
+  assert last.startswith("error: "), run.stderr[-3000:]
+  assert expected in last, last
+  if name == "workdir_is_a_file":
+    assert str(run.workdir) in last
+  else:
+    # Rejected before anything was written.
+    assert not run.workdir.exists()
