@@ -51,16 +51,21 @@ def run(default_config: str, experiment: Callable[..., object]) -> None:
   def main(argv):
     if len(argv) > 1:
       fail(f"unexpected arguments {argv[1:]}; use --config=... --workdir=...")
-    # TensorFlow (tfds, TensorBoard writers) must not grab accelerator memory
-    # that JAX needs.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.config.set_visible_devices([], "GPU")
-    except ImportError:
-      pass
     try:
       config = config_flag.value
+      # Cheap checks first: a bad value is reported before TensorFlow (slow
+      # to import) or any data is touched.
+      import jax  # pylint: disable=g-import-not-at-top
+      config_utils.validate_config(config, num_devices=jax.device_count())
+      config_utils.check_workdir(workdir_flag.value)
+      # TensorFlow (tfds, TensorBoard writers) must not grab accelerator
+      # memory that JAX needs.
+      os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+      try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        tf.config.set_visible_devices([], "GPU")
+      except ImportError:
+        pass
       experiment(config, workdir_flag.value)
     except _expected_errors() as e:
       logging.error("%s: %s", type(e).__name__, e)

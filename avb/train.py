@@ -467,6 +467,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           f"not fit this config ({type(e).__name__}); use a new --workdir or "
           "the config that wrote it") from None
     logging.info("Resumed from %s at step %d.", manager.directory, latest)
+    summary_path = workdir_path / "summary.json"
+    if latest >= config.training.num_steps and summary_path.exists():
+      logging.info("Run already complete; its summary is %s.", summary_path)
+      manager.close()
+      return json.loads(summary_path.read_text())
   else:
     writers.write_json(workdir_path / "config.json", config.to_dict())
     writers.write_json(workdir_path / "run_info.json", {

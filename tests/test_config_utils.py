@@ -123,7 +123,8 @@ def test_smoke_config_is_small_and_valid_on_8_devices(name):
   assert config.training.num_steps <= 100
   assert config.data.train_size <= 1000 and config.data.test_size <= 1000
   assert max(config.model.hidden_sizes) < max(default.model.hidden_sizes)
-  assert config.eval.log_likelihood_samples < default.eval.log_likelihood_samples
+  assert (config.eval.log_likelihood_samples
+          < default.eval.log_likelihood_samples)
   assert config.model.likelihood == default.model.likelihood
   config_utils.validate_config(config, num_devices=NUM_DEVICES)
 
@@ -227,9 +228,9 @@ def test_eval_batch_size_not_divisible_names_devices():
 
 @pytest.mark.parametrize("num_devices", [1, 2, 4, 8])
 def test_valid_config_passes(num_devices):
-  config_utils.validate_config(mnist.get_config("smoke"), num_devices=num_devices)
-  config_utils.validate_config(frey_face.get_config("smoke"),
-                               num_devices=num_devices)
+  for module in (mnist, frey_face):
+    config_utils.validate_config(module.get_config("smoke"),
+                                 num_devices=num_devices)
 
 
 def test_optional_values_are_allowed():

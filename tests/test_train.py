@@ -165,6 +165,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   for a, b in zip(jax.tree.leaves(params_full), jax.tree.leaves(params_resumed)):
     np.testing.assert_array_equal(a, b)
   assert summary_resumed["test_elbo"] == summary_full["test_elbo"]
+  # Starting a finished run again trains nothing and returns its summary.
+  assert train.train_and_evaluate(full, str(tmp_path / "split")) == summary_resumed
 
 
 def test_non_finite_loss_stops_run_and_keeps_checkpoint(tmp_path, monkeypatch):
