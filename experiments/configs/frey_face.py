@@ -20,5 +20,5 @@ from experiments.configs import common
 def get_config(arg=None):
   return common.aevb_config(
       arg, dataset="frey_face", likelihood="gaussian", hidden=200,
-      latent_dim=10, learning_rate=0.01, cpu_steps=30_000, eval_batch_size=200,
+      latent_dim=10, learning_rate=0.01, cpu_steps=100_000, eval_batch_size=200,
       num_images=32)
