@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging as logging_std
 import os
 import re
+import signal
 import sys
 from typing import Callable
 
@@ -27,6 +28,11 @@ def _expected_errors() -> tuple[type[Exception], ...]:
   from avb import data  # pylint: disable=g-import-not-at-top
   from avb import train  # pylint: disable=g-import-not-at-top
   return _EXPECTED_ERRORS + (data.DataError, train.NonFiniteError)
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+  del signum, frame
+  raise KeyboardInterrupt("SIGTERM")
 
 
 def fail(message: str) -> None:
@@ -66,6 +72,8 @@ def run(default_config: str, experiment: Callable[..., object]) -> None:
         tf.config.set_visible_devices([], "GPU")
       except ImportError:
         pass
+      # A preempted or killed job (SIGTERM) saves a checkpoint like Ctrl-C.
+      signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
       experiment(config, workdir_flag.value)
     except _expected_errors() as e:
       logging.error("%s: %s", type(e).__name__, e)

@@ -359,6 +359,60 @@ class MinibatchOrder:
     return self._permutation[start:start + self.batch_size]
 
 
+class TrainLoop:
+  """The host side of training: feeds `train_step` and sums its metrics.
+
+  `run(stop)` trains up to step `stop`: it gathers each minibatch on the
+  host, makes it a global sharded array, dispatches the jitted step and adds
+  its metrics to an on-device sum, never waiting on the device except to keep
+  at most `_MAX_STEPS_IN_FLIGHT` steps queued. `self.state` is updated after
+  every step, so whoever catches an interruption holds the latest state.
+  `benchmarks/train_throughput.py` times this same method.
+  """
+
+  def __init__(self, train_step: Callable, state: TrainState,
+               images: np.ndarray, order: MinibatchOrder,
+               sharding: jax.sharding.NamedSharding, step: int):
+    self.train_step = train_step
+    self.state = state
+    self.step = step  # a host int: reading state.step would wait on the device
+    self._images = images
+    self._order = order
+    self._sharding = sharding
+    self._sums = None
+    self._num_summed = 0
+    self._in_flight = collections.deque()
+
+  def run(self, stop: int) -> None:
+    """Runs steps self.step .. stop - 1."""
+    for step in range(self.step, stop):
+      batch = {"image": to_global(self._images[self._order.indices(step)],
+                                  self._sharding)}
+      self.state, metrics = self.train_step(self.state, batch)
+      self.step = step + 1
+      if self._sums is None:
+        self._sums = jax.tree.map(jnp.zeros_like, metrics)
+      self._sums = _accumulate(self._sums, metrics)
+      self._num_summed += 1
+      # Bound the number of dispatched-but-unfinished steps. XLA's CPU
+      # client aborts ("Termination timeout for all reduce") when dozens of
+      # multi-device steps queue up; waiting on a step a few behind costs
+      # nothing on any backend, since the device is busy with the next ones.
+      self._in_flight.append(metrics["loss"])
+      if len(self._in_flight) > _MAX_STEPS_IN_FLIGHT:
+        self._in_flight.popleft().block_until_ready()
+
+  def pop_metrics(self) -> dict[str, np.ndarray]:
+    """Mean metrics over the steps since the last call (fetches once)."""
+    sums = jax.device_get(self._sums)
+    means = {k: np.asarray(v) / self._num_summed for k, v in sums.items()}
+    self._sums, self._num_summed = None, 0
+    return means
+
+  def block_until_ready(self) -> None:
+    jax.block_until_ready((self.state, self._sums))
+
+
 # ----------------------------------------------------------------------------
 # The run.
 
@@ -510,29 +564,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     check_finite()
     _save(manager, state)
 
-  accumulated, accumulated_steps = None, 0
+  loop = TrainLoop(train_step, state, train_images, order, sharded,
+                   initial_step)
+  boundaries = (config.training.log_every, config.training.eval_every,
+                config.training.checkpoint_every)
   interval_start, interval_step = time.time(), initial_step
-  in_flight = collections.deque()
   try:
-    for step in range(initial_step, num_steps):
-      batch = {"image": to_global(train_images[order.indices(step)], sharded)}
-      state, metrics = train_step(state, batch)
-      if accumulated is None:
-        accumulated = jax.tree.map(jnp.zeros_like, metrics)
-      accumulated = _accumulate(accumulated, metrics)
-      accumulated_steps += 1
-      # Bound the number of dispatched-but-unfinished steps. XLA's CPU client
-      # aborts ("Termination timeout for all reduce") when dozens of
-      # multi-device steps queue up; waiting on a step a few behind costs
-      # nothing on any backend, since the device is still busy with the next.
-      in_flight.append(metrics["loss"])
-      if len(in_flight) > _MAX_STEPS_IN_FLIGHT:
-        in_flight.popleft().block_until_ready()
-      done = step + 1
+    while loop.step < num_steps:
+      # Run to the next step at which something is logged, evaluated or saved.
+      loop.run(min([num_steps] + [(loop.step // k + 1) * k for k in boundaries]))
+      state, done = loop.state, loop.step
       if done % config.training.log_every == 0 or done == num_steps:
         check_finite()
-        means = {k: np.asarray(v) / accumulated_steps
-                 for k, v in jax.device_get(accumulated).items()}
+        means = loop.pop_metrics()
         elapsed = time.time() - interval_start
         steps_per_sec = (done - interval_step) / max(elapsed, 1e-9)
         means.update(steps_per_sec=steps_per_sec,
@@ -541,7 +585,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                      epoch=done / order.steps_per_epoch,
                      eta_seconds=(num_steps - done) / max(steps_per_sec, 1e-9))
         logger.write(done, means, "train")
-        accumulated, accumulated_steps = None, 0
         interval_start, interval_step = time.time(), done
       if done % config.training.eval_every == 0 and done != num_steps:
         run_eval(done)
@@ -549,12 +592,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         save_checkpoint()
   except KeyboardInterrupt:
     # Keep the work done so far: a restart on the same workdir resumes here.
-    if int(state.bad_step) < 0 and int(state.step) > initial_step:
-      _save(manager, state)
-      manager.wait_until_finished()
-      logging.warning("Interrupted: saved a checkpoint at step %d.", int(state.step))
+    state = loop.state
+    try:
+      if int(state.bad_step) < 0 and int(state.step) > initial_step:
+        _save(manager, state)
+        manager.wait_until_finished()
+        logging.warning("Interrupted: saved a checkpoint at step %d.",
+                        int(state.step))
+    except RuntimeError as e:  # Interrupted mid-dispatch: buffers donated.
+      logging.warning("Interrupted; no new checkpoint (%s). The last one "
+                      "stands.", e)
     raise
 
+  state = loop.state
   check_finite()
   if latest is None or int(state.step) != latest:
     _save(manager, state)

@@ -35,17 +35,16 @@ Commands:
       python -m benchmarks.train_throughput --devices=2
 
 On a CPU host jax sees one device (using all cores) unless XLA_FLAGS forces
-more, as the last command does. With more than one CPU device, jax 0.10.2's
-XLA:CPU aborts ("Termination timeout for all reduce RendezvousKey...") once a
-few dozen steps are queued without a sync, and so does
-`train.train_and_evaluate` itself; `--sync-every` bounds the queue so such a
-configuration can at least be measured (it is then no longer the loop's exact
-dispatch pattern).
+more, as the last command does. Both A and B keep at most
+`train._MAX_STEPS_IN_FLIGHT` steps queued, as the training loop does: with
+more than one CPU device, XLA:CPU aborts ("Termination timeout for all
+reduce") once a few dozen steps are queued without a sync.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import pathlib
@@ -171,14 +170,13 @@ class Benchmark:
   """
 
   def __init__(self, images: np.ndarray, batch_size: int,
-               devices: list[jax.Device], sync_every: int = 0):
+               devices: list[jax.Device]):
     config = mnist_config.get_config()
     self.config = config
     self.model_config = models.ModelConfig.from_config(config.model,
                                                        images.shape[1:])
     self.images = images
     self.batch_size = batch_size
-    self.sync_every = sync_every
     num_train = images.shape[0]
 
     mesh = train.make_mesh(devices)
@@ -219,31 +217,25 @@ class Benchmark:
     self.step += self.steps_per_epoch
     return self.steps_per_epoch * self.batch_size / seconds
 
-  def _bound_queue(self, index: int, state: train.TrainState) -> None:
-    if self.sync_every and (index + 1) % self.sync_every == 0:
-      jax.block_until_ready(state)
-
   def _loop_epoch(self) -> None:
-    # The body of train_and_evaluate's loop, minus logging and checkpoints.
-    state, accumulated = self.state, None
-    for index in range(self.steps_per_epoch):
-      step = self.step + index
-      batch = {"image": train.to_global(self.images[self.order.indices(step)],
-                                        self.sharded)}
-      state, metrics = self.train_step(state, batch)
-      # pylint: disable-next=protected-access
-      accumulated = (metrics if accumulated is None
-                     else train._accumulate(accumulated, metrics))
-      self._bound_queue(index, state)
-    # The loop syncs on the accumulated metrics when it logs; so do we.
-    jax.block_until_ready((state, accumulated))
-    self.state = state
+    # The training loop's own host side (train.TrainLoop.run), minus logging
+    # and checkpoints; it syncs on the summed metrics when it logs, as here.
+    loop = train.TrainLoop(self.train_step, self.state, self.images,
+                           self.order, self.sharded, self.step)
+    loop.run(self.step + self.steps_per_epoch)
+    loop.block_until_ready()
+    self.state = loop.state
 
   def _reference_epoch(self) -> None:
     state = self.state
-    for index, batch in enumerate(self.device_batches):
-      state, _ = self.train_step(state, batch)
-      self._bound_queue(index, state)
+    in_flight = collections.deque()
+    for batch in self.device_batches:
+      state, metrics = self.train_step(state, batch)
+      # The same bound on queued steps as the loop (XLA:CPU multi-device
+      # steps abort when dozens are queued); free on one device.
+      in_flight.append(metrics["loss"])
+      if len(in_flight) > train._MAX_STEPS_IN_FLIGHT:  # pylint: disable=protected-access
+        in_flight.popleft().block_until_ready()
     jax.block_until_ready(state)
     self.state = state
 
@@ -300,11 +292,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="minibatch size M (default 100, the config's)")
   parser.add_argument("--devices", type=int, default=None,
                       help="use the first N jax devices (default: all)")
-  parser.add_argument("--sync-every", type=int, default=0,
-                      help="block on the state every N steps of A and B "
-                      "(default 0: only at the end of an epoch, as the loop "
-                      "does between logs); needed with several CPU devices, "
-                      "see the module docstring")
   parser.add_argument("--variants", default="ABC",
                       help="which variants to time, from A, B, C "
                       "(default ABC; B is the reference and always runs)")
@@ -318,8 +305,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--json", type=pathlib.Path, default=None,
                       help="also write the results to this JSON file")
   args = parser.parse_args(argv)
-  if args.sync_every < 0:
-    parser.error(f"--sync-every={args.sync_every} must be 0 or positive")
   if args.epochs < 1:
     parser.error(f"--epochs={args.epochs} must be at least 1")
   unknown = set(args.variants) - set(_VARIANTS)
@@ -344,11 +329,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     sys.exit(f"--batch-size={args.batch_size} must be a multiple of the "
              f"{num_devices} devices, which each take an equal shard")
   devices = all_devices[:num_devices]
-  if devices[0].platform == "cpu" and num_devices > 1 and not args.sync_every:
-    sys.exit(f"--devices={num_devices} CPU devices: XLA:CPU in jax "
-             f"{jax.__version__} deadlocks on the step's all-reduce once a few "
-             "dozen steps are queued (train.train_and_evaluate does too); "
-             "add --sync-every=16 to bound the queue")
 
   data_dir = args.data_dir or data_lib.default_data_dir()
   try:
@@ -366,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"{env['cpu_count']} CPUs ({env['cpus_usable']} usable), "
         f"python {env['python']}", flush=True)
 
-  bench = Benchmark(images, args.batch_size, devices, args.sync_every)
+  bench = Benchmark(images, args.batch_size, devices)
   compile_s = bench.compile_seconds()
   xla_step_flops = bench.step_flops()
   # XLA counts the per-device SPMD program, which sees batch_size / devices
@@ -422,9 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"{bench.config.optimizer.learning_rate}, "
         f"float32); {images.shape[0]:,} MNIST test images, "
         f"{bench.steps_per_epoch} steps per epoch; {args.epochs} interleaved "
-        f"epochs per variant after a warm-up epoch"
-        + (f"; A and B synced every {args.sync_every} steps" if args.sync_every
-           else "") + ".")
+        f"epochs per variant after a warm-up epoch.")
   print()
   print("| variant | examples/s median | min | max "
         "| ratio to reference (median of per-pair, min-max) |")
@@ -475,7 +453,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
   report = {
       "environment": env,
       "settings": {"epochs": args.epochs, "batch_size": args.batch_size,
-                   "sync_every": args.sync_every,
                    "steps_per_epoch": bench.steps_per_epoch,
                    "num_images": int(images.shape[0]),
                    "images": str(data_dir / _IMAGES_FILE),

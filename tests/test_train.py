@@ -169,6 +169,35 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   assert train.train_and_evaluate(full, str(tmp_path / "split")) == summary_resumed
 
 
+def test_interrupted_run_saves_a_checkpoint_and_resumes_exactly(tmp_path,
+                                                                monkeypatch):
+  monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
+  config = tiny_config(training__num_steps=16, training__checkpoint_every=100)
+  reference = train.train_and_evaluate(config, str(tmp_path / "reference"))
+
+  calls = []
+  original = train.to_global
+
+  def interrupt_at_step_7(array, sharding):
+    calls.append(1)
+    if len(calls) == 8:  # Ctrl-C (or SIGTERM, see avb/cli.py) during step 7
+      raise KeyboardInterrupt
+    return original(array, sharding)
+
+  monkeypatch.setattr(train, "to_global", interrupt_at_step_7)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  monkeypatch.setattr(train, "to_global", original)
+  # No periodic checkpoint was due, yet the 7 finished steps are kept.
+  assert _final_params(tmp_path / "run")[1] == 7
+  resumed = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert resumed["resumed_from_step"] == 7
+  for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "reference")[0]),
+                  jax.tree.leaves(_final_params(tmp_path / "run")[0])):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["test_elbo"] == reference["test_elbo"]
+
+
 def test_non_finite_loss_stops_run_and_keeps_checkpoint(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
   config = tiny_config(training__num_steps=10, training__checkpoint_every=5)
