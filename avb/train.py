@@ -489,6 +489,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   from avb import writers  # pylint: disable=g-import-not-at-top
 
   wall_start = time.time()
+  if jax.process_count() > 1:
+    # Every process would feed the whole global batch as its local slice.
+    raise config_utils.ConfigError(
+        f"{jax.process_count()} processes: multi-host input slicing is not "
+        "implemented yet; run one process per host group (issue #3)")
   mesh = make_mesh()
   config_utils.validate_config(config, num_devices=mesh.size)
   workdir_path = config_utils.check_workdir(workdir)
