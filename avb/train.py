@@ -493,7 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # Every process would feed the whole global batch as its local slice.
     raise config_utils.ConfigError(
         f"{jax.process_count()} processes: multi-host input slicing is not "
-        "implemented yet; run one process per host group (issue #3)")
+        "implemented yet; run a single process, which uses all its local devices")
   mesh = make_mesh()
   config_utils.validate_config(config, num_devices=mesh.size)
   workdir_path = config_utils.check_workdir(workdir)
