@@ -95,6 +95,25 @@ def weight_log_prior(params: PyTree, std: float) -> jax.Array:
   return -0.5 * squares / std**2
 
 
+def encode(model_config: models.ModelConfig, params: PyTree,
+           x: jax.Array) -> tuple[jax.Array, jax.Array, Callable]:
+  """Runs the encoder on x [B, D] and binds the decoder's likelihood to x.
+
+  Returns:
+    (mean, log_var) of q(z|x), each [B, J], and `log_likelihood_fn`, which
+    maps z [L, B, J] to log p(x|z) [L, B]: the form every estimator takes.
+  """
+  model = models.VAE(model_config)
+  variables = {"params": params}
+  mean, log_var = model.apply(variables, x, method=models.VAE.encode)
+
+  def log_likelihood_fn(z):
+    decoded = model.apply(variables, z, method=models.VAE.decode)
+    return distributions.likelihood_log_prob(model_config.likelihood, x, decoded)
+
+  return mean, log_var, log_likelihood_fn
+
+
 def elbo_terms(model_config: models.ModelConfig, params: PyTree, x: jax.Array,
                rng: jax.Array, estimator: str, num_samples: int) -> Metrics:
   """Per-example ELBO terms of a batch, x: [B, D] flattened.
@@ -104,14 +123,7 @@ def elbo_terms(model_config: models.ModelConfig, params: PyTree, x: jax.Array,
     "kl_per_latent" [B, J], "z" [L, B, J], plus the encoder's "mean" and
     "log_var" [B, J].
   """
-  model = models.VAE(model_config)
-  variables = {"params": params}
-  mean, log_var = model.apply(variables, x, method=models.VAE.encode)
-
-  def log_likelihood_fn(z):  # z: [L, B, J] -> [L, B]
-    decoded = model.apply(variables, z, method=models.VAE.decode)
-    return distributions.likelihood_log_prob(model_config.likelihood, x, decoded)
-
+  mean, log_var, log_likelihood_fn = encode(model_config, params, x)
   terms = estimators.elbo_terms(estimator, rng, mean, log_var,
                                 log_likelihood_fn, num_samples)
   return {**terms, "mean": mean, "log_var": log_var}
@@ -264,14 +276,7 @@ def make_eval_fns(model_config: models.ModelConfig,
 
   @functools.partial(jax.jit, in_shardings=in_shardings, out_shardings=replicated)
   def log_likelihood_sums(params, x, mask, rng):
-    model = models.VAE(model_config)
-    variables = {"params": params}
-    mean, log_var = model.apply(variables, x, method=models.VAE.encode)
-
-    def log_likelihood_fn(z):
-      decoded = model.apply(variables, z, method=models.VAE.decode)
-      return distributions.likelihood_log_prob(model_config.likelihood, x, decoded)
-
+    mean, log_var, log_likelihood_fn = encode(model_config, params, x)
     log_px = estimators.importance_log_likelihood(
         rng, mean, log_var, log_likelihood_fn,
         num_samples=eval_config.log_likelihood_samples,
@@ -292,7 +297,8 @@ def evaluate(batch_fn: Callable, params: PyTree, images: np.ndarray,
   The last batch is padded to `batch_size` (a multiple of the device count)
   and masked out, so every example counts once whatever N is.
   """
-  x = images.reshape(images.shape[0], -1).astype(np.float32)
+  # A view, not a copy: this runs at every evaluation on the whole split.
+  x = images.reshape(images.shape[0], -1).astype(np.float32, copy=False)
   n = x.shape[0]
   totals = None
   in_flight = collections.deque()

@@ -1,5 +1,7 @@
 """Tests for avb/train.py: the step, sharding, determinism, resume, NaN handling."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,7 +242,6 @@ def test_training_on_real_mnist_raises_the_elbo(tmp_path, monkeypatch):
 
 
 def _read_jsonl(path):
-  import json
   return [json.loads(line) for line in path.read_text().splitlines()]
 
 
