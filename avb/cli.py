@@ -61,8 +61,12 @@ def run(default_config: str, experiment: Callable[..., object]) -> None:
       config = config_flag.value
       # Cheap checks first: a bad value is reported before TensorFlow (slow
       # to import) or any data is touched.
+      # Join a multi-process run first: nothing may touch a device before.
+      from avb import distributed  # pylint: disable=g-import-not-at-top
+      distributed.initialize(config)
       import jax  # pylint: disable=g-import-not-at-top
-      config_utils.validate_config(config, num_devices=jax.device_count())
+      config_utils.validate_config(config, num_devices=jax.device_count(),
+                                   num_processes=jax.process_count())
       config_utils.check_workdir(workdir_flag.value)
       # TensorFlow (tfds, TensorBoard writers) must not grab accelerator
       # memory that JAX needs.

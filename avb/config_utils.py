@@ -94,13 +94,15 @@ def _one_of(field: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict,
-                    num_devices: int) -> None:
+                    num_devices: int, num_processes: int = 1) -> None:
   """Checks every field the training loop relies on.
 
   Args:
     config: a full experiment config (sections data, model, objective,
       optimizer, training, eval).
     num_devices: the global device count; batches are split evenly over it.
+    num_processes: the number of processes (hosts); each feeds an equal
+      slice of every batch.
 
   Raises:
     ConfigError: naming the first bad field, its value and what is allowed.
@@ -154,6 +156,11 @@ def validate_config(config: ml_collections.ConfigDict,
            training.batch_size,
            f"must be divisible by the {num_devices} devices; use a multiple "
            f"of {num_devices}, e.g. {num_devices * max(1, training.batch_size // num_devices)}")
+  _require(training.batch_size % num_processes == 0, "training.batch_size",
+           training.batch_size,
+           f"must be divisible by the {num_processes} processes")
+  _require(training.get("steps_per_call", 1) >= 1, "training.steps_per_call",
+           training.get("steps_per_call"), "must be >= 1")
   keep = training.get("max_checkpoints_to_keep")
   _require(keep is None or keep >= 1, "training.max_checkpoints_to_keep", keep,
            "must be >= 1, or None for all (a rerun resumes from the last)")
@@ -178,6 +185,35 @@ def validate_config(config: ml_collections.ConfigDict,
            evaluation.log_likelihood_chunk, "must be >= 1")
   _require(evaluation.num_images >= 1, "eval.num_images",
            evaluation.num_images, "must be >= 1")
+  _require(evaluation.batch_size % num_processes == 0, "eval.batch_size",
+           evaluation.batch_size,
+           f"must be divisible by the {num_processes} processes")
+  validate_sweep(config)
+
+
+def validate_sweep(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.sweep`: a known axis and a non-empty list of valid values."""
+  sweep = config.get("sweep")
+  if sweep is None or sweep.get("axis") is None:
+    return
+  floats = sorted(k for k, v in config.objective.items() if isinstance(v, float))
+  allowed = ["seed", "optimizer.learning_rate"] + [f"objective.{k}" for k in floats]
+  _require(sweep.axis in allowed, "sweep.axis", sweep.axis,
+           f"allowed: {', '.join(allowed)} (what varies between the runs)")
+  values = tuple(sweep.get("grid") or ())
+  _require(len(values) >= 1, "sweep.grid", values,
+           "must list at least one value, e.g. --config.sweep.grid=(0,1,2)")
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in values)
+  _require(numeric, "sweep.grid", values, "must be numbers")
+  if sweep.axis == "seed":
+    _require(all(float(v).is_integer() for v in values), "sweep.grid",
+             values, "seeds must be integers")
+  elif sweep.axis == "optimizer.learning_rate":
+    _require(all(v > 0 for v in values), "sweep.grid", values,
+             "learning rates must be > 0")
+  _require(len(set(values)) == len(values), "sweep.grid", values,
+           "must not repeat a value (each run writes its own directory)")
 
 
 def check_workdir(workdir: str) -> pathlib.Path:

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from avb import data
+from avb import input_pipeline
 from avb import models
 from avb import train
 from experiments.configs import mnist as mnist_config
@@ -29,8 +30,12 @@ def tiny_config(**overrides):
 def _setup(config, num_train=400):
   model_config = models.ModelConfig.from_config(config.model, (28, 28))
   tx = train.make_optimizer(config.optimizer)
-  state = train.create_train_state(model_config, tx, jax.random.key(0))
-  step = train.make_train_step(model_config, config, tx, num_train)
+  state = train.create_train_state(
+      model_config, tx, config.seed,
+      train.objective_hyperparameters(config.objective))
+  step = train.make_train_step(
+      train.aevb_loss(model_config, config, num_train), tx,
+      dynamic_binarization=config.data.dynamic_binarization)
   return model_config, tx, state, step
 
 
@@ -119,13 +124,29 @@ def test_non_finite_gradient_keeps_last_good_state():
     np.testing.assert_array_equal(a, b)
 
 
-def test_minibatch_order_is_a_function_of_the_step():
-  order = train.MinibatchOrder(num_examples=103, batch_size=10, seed=3)
-  epoch0 = np.concatenate([order.indices(s) for s in range(10)])
-  assert len(set(epoch0.tolist())) == 100  # no repeats within an epoch
-  fresh = train.MinibatchOrder(num_examples=103, batch_size=10, seed=3)
+def test_host_order_matches_device_gather_and_covers_each_shard():
+  num_shards, per_shard, batch_size = 8, 13, 16
+  order = input_pipeline.HostOrder(seed=3, num_shards=num_shards,
+                                   per_shard=per_shard, batch_size=batch_size)
+  assert order.steps_per_epoch == 6  # 13 rows per shard, 2 per step
+  epoch0 = np.concatenate([order.indices(s) for s in range(6)])
+  # No repeats within an epoch, and every shard contributes its own rows.
+  assert len(set(epoch0.tolist())) == 6 * batch_size
+  assert np.array_equal(np.sort(epoch0 // per_shard),
+                        np.repeat(np.arange(num_shards), 12))
+  fresh = input_pipeline.HostOrder(3, num_shards, per_shard, batch_size)
   np.testing.assert_array_equal(fresh.indices(13), order.indices(13))
-  assert not np.array_equal(order.indices(0), order.indices(10))  # new epoch
+  assert not np.array_equal(order.indices(0), order.indices(6))  # new epoch
+  # The device-side gather picks exactly these rows.
+  data = np.arange(num_shards * per_shard, dtype=np.float32)
+  device_data = data.reshape(num_shards, per_shard)
+  for step in (0, 5, 13):
+    epoch, position = divmod(step, 6)
+    perms = input_pipeline.epoch_permutations(
+        jnp.int32(3), jnp.int32(epoch), jnp.arange(num_shards), per_shard)
+    batch = input_pipeline.gather_batch(jnp.asarray(device_data), perms,
+                                        jnp.int32(position), 2)
+    np.testing.assert_array_equal(np.asarray(batch), data[order.indices(step)])
 
 
 def test_evaluate_pads_and_masks_the_last_batch():
@@ -171,29 +192,46 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   assert train.train_and_evaluate(full, str(tmp_path / "split")) == summary_resumed
 
 
-def test_interrupted_run_saves_a_checkpoint_and_resumes_exactly(tmp_path,
-                                                                monkeypatch):
+@pytest.mark.parametrize("on_device", [True, False])
+def test_interrupted_run_saves_a_checkpoint_and_resumes_exactly(
+    tmp_path, monkeypatch, on_device):
   monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
-  config = tiny_config(training__num_steps=16, training__checkpoint_every=100)
+  config = tiny_config(training__num_steps=16, training__checkpoint_every=100,
+                       data__on_device=on_device)
   reference = train.train_and_evaluate(config, str(tmp_path / "reference"))
 
-  calls = []
-  original = train.to_global
+  # Ctrl-C (or SIGTERM, see avb/cli.py) after 10 steps: during the third
+  # dispatch of 5 steps on device, or while fetching step 10's batch.
+  if on_device:
+    original = train.make_device_steps
 
-  def interrupt_at_step_7(array, sharding):
-    calls.append(1)
-    if len(calls) == 8:  # Ctrl-C (or SIGTERM, see avb/cli.py) during step 7
-      raise KeyboardInterrupt
-    return original(array, sharding)
+    def make_interrupted(*args, **kwargs):
+      steps = original(*args, **kwargs)
+      calls = []
 
-  monkeypatch.setattr(train, "to_global", interrupt_at_step_7)
+      def interrupted(state, data_, start, count):
+        calls.append(count)
+        if len(calls) == 3:
+          raise KeyboardInterrupt
+        return steps(state, data_, start, count)
+      return interrupted
+    monkeypatch.setattr(train, "make_device_steps", make_interrupted)
+  else:
+    original = input_pipeline.Prefetcher.get
+
+    def get(self, step):
+      if step == 10:
+        raise KeyboardInterrupt
+      return original(self, step)
+    monkeypatch.setattr(input_pipeline.Prefetcher, "get", get)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / "run"))
-  monkeypatch.setattr(train, "to_global", original)
-  # No periodic checkpoint was due, yet the 7 finished steps are kept.
-  assert _final_params(tmp_path / "run")[1] == 7
+  monkeypatch.undo()
+  monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
+  # No periodic checkpoint was due, yet the 10 finished steps are kept.
+  assert _final_params(tmp_path / "run")[1] == 10
   resumed = train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert resumed["resumed_from_step"] == 7
+  assert resumed["resumed_from_step"] == 10
   for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "reference")[0]),
                   jax.tree.leaves(_final_params(tmp_path / "run")[0])):
     np.testing.assert_array_equal(a, b)

@@ -9,9 +9,12 @@ Commands:
   python -m experiments.frey_face --config=experiments/configs/frey_face.py:latent_dim=2 --workdir=runs/frey_z2
   python -m experiments.frey_face --config=experiments/configs/frey_face.py:paper --workdir=runs/frey_paper
   python -m experiments.frey_face --config=experiments/configs/frey_face.py:smoke --workdir=/tmp/frey_smoke
+  python -m experiments.frey_face --config=experiments/configs/frey_face.py --workdir=runs/frey_face_seeds \
+      --config.sweep.axis=seed --config.sweep.grid="(0,1,2,3,4,5,6,7)"
+  python -m experiments.frey_face --config=experiments/configs/frey_face.py:tpu --workdir=/mnt/shared/frey_face  # every host; a shared disk
 
 Arguments (comma-separated after the colon): latent_dim=J (default 10),
-hidden=H (default 200), estimator=A|B, seed=S, and one of smoke | paper.
+hidden=H (default 200), estimator=A|B, seed=S, and one of smoke | paper | tpu.
 """
 
 from experiments.configs import common
