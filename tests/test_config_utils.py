@@ -292,3 +292,46 @@ def test_new_nested_workdir_is_created(tmp_path):
 def test_missing_workdir(workdir):
   with pytest.raises(ConfigError, match="--workdir is required"):
     config_utils.check_workdir(workdir)
+
+
+# ----------------------------------------------------------------------------
+# Sweeps, processes, variants.
+
+
+@pytest.mark.parametrize("axis, grid, expected", [
+    ("seed", (), "must list at least one value"),
+    ("beta", (1.0,), "allowed: seed, optimizer.learning_rate, objective.weight_prior_std"),
+    ("seed", (0.5,), "seeds must be integers"),
+    ("optimizer.learning_rate", (0.1, -1.0), "learning rates must be > 0"),
+    ("seed", (1, 1), "must not repeat a value"),
+    ("seed", ("a",), "must be numbers"),
+])
+def test_bad_sweep_is_one_line(axis, grid, expected):
+  config = _smoke_config()
+  config.sweep.axis = axis
+  config.sweep.grid = grid
+  assert expected in _error(config)
+
+
+def test_valid_sweep_passes():
+  config = _smoke_config()
+  config.sweep.axis = "objective.weight_prior_std"
+  config.sweep.grid = (0.0, 1.0)
+  config_utils.validate_config(config, num_devices=8)
+
+
+def test_batch_not_divisible_by_processes():
+  config = _smoke_config()
+  config.training.batch_size = 6
+  with pytest.raises(ConfigError, match="divisible by the 4 processes"):
+    config_utils.validate_config(config, num_devices=2, num_processes=4)
+
+
+@pytest.mark.parametrize("name", ["mnist", "frey_face"])
+def test_tpu_variant_is_the_paper_budget_in_big_batches(name):
+  config = CONFIG_MODULES[name].get_config("tpu")
+  assert config.training.batch_size * config.training.num_steps == 10**8
+  assert config.training.steps_per_call >= 100
+  config_utils.validate_config(config, num_devices=8)
+  with pytest.raises(ConfigError, match="choose one of"):
+    CONFIG_MODULES[name].get_config("tpu,smoke")

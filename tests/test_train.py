@@ -323,3 +323,64 @@ def test_dynamic_binarization_resamples_grey_pixels_only():
   static_norm = float(static[0]["l2_grads"])
   dynamic_norm = float(dynamic[0]["l2_grads"])
   assert dynamic_norm > 10 * static_norm, (dynamic_norm, static_norm)
+
+
+def test_device_resident_epochs_equal_host_fed_steps(tmp_path, monkeypatch):
+  """lax.scan over steps with in-program shuffling = one step per dispatch."""
+  monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
+  summaries = {}
+  for on_device in (True, False):
+    config = tiny_config(training__num_steps=27, data__on_device=on_device,
+                         training__steps_per_call=4)  # epochs of 12 steps
+    summaries[on_device] = train.train_and_evaluate(
+        config, str(tmp_path / str(on_device)))
+  for a, b in zip(jax.tree.leaves(_final_params(tmp_path / "True")[0]),
+                  jax.tree.leaves(_final_params(tmp_path / "False")[0])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(summaries[True]["test_elbo"],
+                             summaries[False]["test_elbo"], rtol=1e-5)
+  train_records = [r for r in _read_jsonl(tmp_path / "False" / "metrics.jsonl")
+                   if r["split"] == "train"]
+  assert 0 <= train_records[-1]["input_wait_fraction"] < 1
+
+
+def test_seed_sweep_trains_each_run_as_if_alone(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
+  sweep = tiny_config(training__num_steps=15)
+  with sweep.unlocked():
+    sweep.sweep.axis = "seed"
+    sweep.sweep.grid = (0, 5)
+  result = train.train_and_evaluate(sweep, str(tmp_path / "sweep"))
+  assert [r["label"] for r in result["runs"]] == ["seed=0", "seed=5"]
+  alone = tiny_config(training__num_steps=15)
+  with alone.unlocked():
+    alone.seed = 5
+  single = train.train_and_evaluate(alone, str(tmp_path / "alone"))
+  stacked, _ = _final_params(tmp_path / "sweep")
+  params, _ = _final_params(tmp_path / "alone")
+  for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(params)):
+    assert a.shape == (2, *b.shape)
+    # vmap batches the matmuls, which changes float summation order only.
+    np.testing.assert_allclose(a[1], b, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(a[0], a[1])
+  np.testing.assert_allclose(result["runs"][1]["test_elbo"], single["test_elbo"],
+                             rtol=1e-4)
+  # Each run has its own logs, images and summary.
+  for label in ("seed=0", "seed=5"):
+    run_dir = tmp_path / "sweep" / "sweep" / label
+    assert json.loads((run_dir / "summary.json").read_text())["label"] == label
+    assert (run_dir / "metrics.jsonl").exists()
+    assert list((run_dir / "images").glob("samples_*.png"))
+
+
+def test_learning_rate_sweep_isolates_a_diverging_run(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
+  config = tiny_config(training__num_steps=10)
+  with config.unlocked():
+    config.sweep.axis = "optimizer.learning_rate"
+    config.sweep.grid = (0.02, 1e30)
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  good, bad = result["runs"]
+  assert good["non_finite_step"] is None and np.isfinite(good["test_elbo"])
+  assert bad["non_finite_step"] is not None
+  assert good["learning_rate"] == 0.02 and bad["learning_rate"] == 1e30
