@@ -1,79 +1,72 @@
-r"""Steady-state training throughput of the MNIST AEVB step (a benchmark).
+r"""Training throughput of avb's AEVB MNIST step against PyTorch and the machine.
 
-Measures examples/s, after compilation, of the training step exactly as
-`python -m experiments.mnist --config=experiments/configs/mnist.py` runs it:
-the default MNIST config (784-500 tanh-20 MLPs, Bernoulli decoder, estimator
-B, L=1, minibatch 100, Adagrad 0.02, float32), built with the library's own
-`avb.train` functions, on the 10,000 real MNIST test images.
+The benchmark work: the AEVB MNIST model (784-500 tanh-20 MLPs, Bernoulli
+decoder, estimator B, L = 1, minibatch 100, Adagrad 0.02 with a zero initial
+accumulator, float32, N(0, I) weight prior over N) trained on the 10,000 real
+MNIST test images. One sample is one epoch (100 steps) timed to a sync at its
+end. Variants, run in rounds so that every round times each once (A B C ... A
+B C ...) and the machine's drift hits all alike:
 
-Variants, interleaved within each measured pair so that the machine's drift
-(20-40% run to run on a shared 2-core CPU) hits all of them alike:
+  avb            `python -m experiments.mnist` exactly: `train.TrainLoop` with
+                 the device-resident epoch (shuffle and slicing inside the
+                 program, 100 steps per dispatch, metrics summed on device).
+  avb_streamed   the same step fed by the host pipeline
+                 (`input_pipeline.Prefetcher`): the path of large datasets.
+                 Its time blocked on the prefetcher is the input wait.
+  avb_sweep8     8 seeds in one program (`vmap` over the state), one epoch of
+                 each; its time / avb's is the cost of 8 runs against 1.
+  torch_eager    `benchmarks/torch_reference.py`: the identical model and step
+                 in idiomatic eager PyTorch.
+  torch_compiled the same with `torch.compile` (model+loss, and the update).
 
-  A  loop:      the per-step work of `train.train_and_evaluate`'s loop: host
-                gather of the minibatch from a numpy array, `to_global`, the
-                jitted step, `_accumulate` of the metrics. No logging,
-                evaluation or checkpoint I/O.
-  B  reference: the same jitted step fed pre-sliced device batches: no host
-                gather, no transfer, no accumulation. A / B is the host-side
-                overhead of the loop.
-  C  sync:      B with `jax.block_until_ready` after every step, so C / B shows
-                what asynchronous dispatch buys.
-
-Each sample is one epoch (num_examples / batch_size steps, 100 by default)
-timed to a `block_until_ready` at its end. Results quote the median and the
-min-max range over pairs, and ratios are medians of per-pair ratios, which
-cancel the slow drift better than a ratio of medians.
-
-Also reported: the model's matmul FLOPs per example (counted exactly, see
-`matmul_flops_per_example`), the achieved GFLOP/s, and the machine's
-achievable float32 matmul GFLOP/s from a large jitted `jnp.matmul`.
+Reported: examples/s median and min-max over rounds; per-round paired ratios
+(avb / torch_*, avb_sweep8 time / avb time, ...) with their median and range;
+the model's exact matmul FLOPs per example; the machine's float32 matmul
+GFLOP/s (a large jitted matmul) and avb's fraction of it; the input wait;
+peak memory. `--results` writes benchmarks/RESULTS.md.
 
 Commands:
-  python -m benchmarks.train_throughput
-  python -m benchmarks.train_throughput --epochs=10 --json=/tmp/throughput.json
+  python -m benchmarks.train_throughput --rounds=7 --results=benchmarks/RESULTS.md
+  python -m benchmarks.train_throughput --variants=avb,torch_eager --rounds=3
   XLA_FLAGS=--xla_force_host_platform_device_count=2 \
       python -m benchmarks.train_throughput --devices=2
 
-On a CPU host jax sees one device (using all cores) unless XLA_FLAGS forces
-more, as the last command does. Both A and B keep at most
-`train._MAX_STEPS_IN_FLIGHT` steps queued, as the training loop does: with
-more than one CPU device, XLA:CPU aborts ("Termination timeout for all
-reduce") once a few dozen steps are queued without a sync.
+PyTorch is a benchmark-only dependency (`pip install torch==2.13.0`, CPU
+wheel); without it the torch variants are skipped with a note.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
+import datetime
 import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from avb import data as data_lib
+from avb import input_pipeline
 from avb import models
 from avb import train
 from experiments.configs import mnist as mnist_config
 
 _IMAGES_FILE = pathlib.Path("mnist") / "t10k-images-idx3-ubyte.gz"
-_VARIANTS = {
-    "A": "loop: host gather + to_global + step + accumulate",
-    "B": "reference: step on pre-sliced device batches",
-    "C": "sync: reference + block_until_ready every step",
-}
-_REFERENCE = "B"
+VARIANTS = ("avb", "avb_streamed", "avb_sweep8", "torch_eager", "torch_compiled")
+_SWEEP = 8
 
 
 # ----------------------------------------------------------------------------
-# FLOPs.
+# FLOPs and the machine.
 
 
 def matmul_flops_per_example(model_config: models.ModelConfig,
@@ -87,17 +80,13 @@ def matmul_flops_per_example(model_config: models.ModelConfig,
       first, whose input is the data, which is not differentiated. The
       decoder's first layer does need it: z = mean + exp(log_var / 2) * eps
       carries the gradient back into the encoder (the reparameterization).
-  The encoder runs once per example, the decoder once per sample (L times).
-  The mean and log-variance heads are two m x J layers.
+  So a step costs about 2.5x the forward, not 3x. The encoder runs once per
+  example, the decoder once per sample (L times); the mean and log-variance
+  heads are two m x J layers.
 
   Not counted: bias adds, activations, the likelihood, the KL, the weight
-  prior and Adagrad's update. They are elementwise, O(D + H) per example or
-  O(#params) per step, and small beside the matmuls (XLA's own count, printed
-  beside this one, includes them).
-
-  Args:
-    model_config: the model.
-    num_samples: L, decoder passes per example.
+  prior and Adagrad's update: elementwise, O(D + H) per example or
+  O(#params) per step, and small beside the matmuls.
 
   Returns:
     {"forward", "weight_grads", "input_grads", "total"} in FLOPs per example.
@@ -123,19 +112,6 @@ def matmul_flops_per_example(model_config: models.ModelConfig,
           "total": forward + weight_grads + input_grads}
 
 
-def xla_flops(jitted: Callable, *args) -> float | None:
-  """XLA's own FLOP count of one call, or None where the backend gives none."""
-  try:
-    cost = jitted.lower(*args).compile().cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-    cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"])
-
-
 def matmul_gflops(size: int, repeats: int) -> list[float]:
   """Achievable float32 GFLOP/s: timings of a jitted size x size matmul."""
   key_a, key_b = jax.random.split(jax.random.key(0))
@@ -151,100 +127,114 @@ def matmul_gflops(size: int, repeats: int) -> list[float]:
   return rates
 
 
+def peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_peak_mib(device: jax.Device) -> float | None:
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return stats["peak_bytes_in_use"] / 2**20
+
+
 # ----------------------------------------------------------------------------
-# The benchmark.
+# The avb variants: the library's own functions, as train_and_evaluate uses them.
 
 
-def load_images(data_dir: pathlib.Path) -> np.ndarray:
-  """The 10,000 MNIST test images as float32 [N, 28, 28] in [0, 1]."""
-  images = data_lib.read_idx(data_dir / _IMAGES_FILE)
-  return images.astype(np.float32) / np.float32(255.0)
+class AvbTrainer:
+  """One avb training run on the benchmark data, advanced an epoch at a time."""
 
-
-class Benchmark:
-  """The training step of `train.train_and_evaluate`, timed one epoch at a time.
-
-  All variants advance one shared train state, so each epoch starts where the
-  previous one stopped, as in a real run; the host step counter follows
-  `state.step` and picks the loop's minibatches through `MinibatchOrder`.
-  """
-
-  def __init__(self, images: np.ndarray, batch_size: int,
-               devices: list[jax.Device]):
+  def __init__(self, images: np.ndarray, mesh: jax.sharding.Mesh, *,
+               streamed: bool = False, num_runs: int | None = None):
     config = mnist_config.get_config()
     self.config = config
     self.model_config = models.ModelConfig.from_config(config.model,
                                                        images.shape[1:])
-    self.images = images
-    self.batch_size = batch_size
-    num_train = images.shape[0]
-
-    mesh = train.make_mesh(devices)
-    replicated, self.sharded = train.shardings(mesh)
+    batch_size = config.training.batch_size
+    num_shards = mesh.size
+    per_shard = input_pipeline.shard_size(len(images), num_shards, batch_size)
+    self.steps_per_epoch = per_shard // (batch_size // num_shards)
+    self.examples_per_epoch = self.steps_per_epoch * batch_size * (num_runs or 1)
+    replicated, sharded = train.shardings(mesh)
     tx = train.make_optimizer(config.optimizer)
-    init_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    self.state = jax.device_put(
-        train.create_train_state(self.model_config, tx, init_rng), replicated)
-    self.train_step = train.jit_train_step(
-        train.make_train_step(self.model_config, config, tx, num_train), mesh)
-    self.order = train.MinibatchOrder(num_train, batch_size, config.seed)
-    self.steps_per_epoch = self.order.steps_per_epoch
-    self.step = 0
-    # The reference's batches: one epoch's, placed on device before timing.
-    self.device_batches = [
-        {"image": train.to_global(images[self.order.indices(s)], self.sharded)}
-        for s in range(self.steps_per_epoch)]
-    jax.block_until_ready(self.device_batches)
+    hyper = train.objective_hyperparameters(config.objective)
+    if num_runs is None:
+      state = train.create_train_state(self.model_config, tx, config.seed, hyper)
+    else:
+      runs = [train.Run(str(s), s, config.optimizer.learning_rate, hyper)
+              for s in range(num_runs)]
+      state = train.create_states(runs, True, self.model_config, tx)
+    state = jax.device_put(state, replicated)
+    step = train.make_train_step(
+        train.aevb_loss(self.model_config, config, num_shards * per_shard), tx)
+    self.prefetcher = None
+    if streamed:
+      order = input_pipeline.HostOrder(config.seed, num_shards, per_shard,
+                                       batch_size)
+      self.prefetcher = input_pipeline.Prefetcher(images, order, sharded, 0)
+      self.loop = train.TrainLoop(state, 0, prefetcher=self.prefetcher,
+                                  train_step=train.jit_train_step(step, mesh,
+                                                                  num_runs))
+    else:
+      self.loop = train.TrainLoop(
+          state, 0,
+          device_steps=train.make_device_steps(
+              step, mesh, batch_size=batch_size, per_shard=per_shard,
+              num_runs=num_runs),
+          data=input_pipeline.device_dataset(images, num_shards, sharded),
+          steps_per_call=config.training.steps_per_call)
+    self.last_wait = 0.0
 
-  def compile_seconds(self) -> float:
-    """Runs (and times) the first step, which compiles it."""
+  def run_epoch(self) -> float:
+    if self.prefetcher is not None:
+      self.prefetcher.wait_seconds = 0.0
     start = time.perf_counter()
-    self.state, metrics = self.train_step(self.state, self.device_batches[0])
-    jax.block_until_ready((self.state, metrics))
-    self.step += 1
-    return time.perf_counter() - start
-
-  def step_flops(self) -> float | None:
-    return xla_flops(self.train_step, self.state, self.device_batches[0])
-
-  def run_epoch(self, variant: str) -> float:
-    """One epoch of `variant`; returns its examples/s."""
-    run = {"A": self._loop_epoch, "B": self._reference_epoch,
-           "C": self._sync_epoch}[variant]
-    start = time.perf_counter()
-    run()
+    self.loop.run(self.loop.step + self.steps_per_epoch)
+    self.loop.block_until_ready()
     seconds = time.perf_counter() - start
-    self.step += self.steps_per_epoch
-    return self.steps_per_epoch * self.batch_size / seconds
+    self.metrics = self.loop.pop_metrics()
+    if self.prefetcher is not None:
+      self.last_wait = self.prefetcher.wait_seconds / seconds
+    return seconds
 
-  def _loop_epoch(self) -> None:
-    # The training loop's own host side (train.TrainLoop.run), minus logging
-    # and checkpoints; it syncs on the summed metrics when it logs, as here.
-    loop = train.TrainLoop(self.train_step, self.state, self.images,
-                           self.order, self.sharded, self.step)
-    loop.run(self.step + self.steps_per_epoch)
-    loop.block_until_ready()
-    self.state = loop.state
+  def close(self) -> None:
+    if self.prefetcher is not None:
+      self.prefetcher.close()
 
-  def _reference_epoch(self) -> None:
-    state = self.state
-    in_flight = collections.deque()
-    for batch in self.device_batches:
-      state, metrics = self.train_step(state, batch)
-      # The same bound on queued steps as the loop (XLA:CPU multi-device
-      # steps abort when dozens are queued); free on one device.
-      in_flight.append(metrics["loss"])
-      if len(in_flight) > train._MAX_STEPS_IN_FLIGHT:  # pylint: disable=protected-access
-        in_flight.popleft().block_until_ready()
-    jax.block_until_ready(state)
-    self.state = state
 
-  def _sync_epoch(self) -> None:
-    state = self.state
-    for batch in self.device_batches:
-      state, metrics = self.train_step(state, batch)
-      jax.block_until_ready((state, metrics))
-    self.state = state
+class TorchTrainer:
+  """Adapter to benchmarks/torch_reference.py with the same interface."""
+
+  def __init__(self, images: np.ndarray, variant: str):
+    from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+    self._trainer = torch_reference.make_trainer(
+        images.reshape(len(images), -1), variant.removeprefix("torch_"))
+    self._trainer.warmup()
+    self.examples_per_epoch = (len(images) // 100) * 100
+    self.last_wait = 0.0
+
+  def run_epoch(self) -> float:
+    seconds = self._trainer.run_epoch()
+    self.metrics = self._trainer.metrics()
+    return seconds
+
+  def close(self) -> None:
+    pass
+
+
+def make_trainer(variant: str, images: np.ndarray, mesh) -> Any:
+  if variant == "avb":
+    return AvbTrainer(images, mesh)
+  if variant == "avb_streamed":
+    return AvbTrainer(images, mesh, streamed=True)
+  if variant == "avb_sweep8":
+    return AvbTrainer(images, mesh, num_runs=_SWEEP)
+  return TorchTrainer(images, variant)
+
+
+# ----------------------------------------------------------------------------
+# The run.
 
 
 def summarize(samples: list[float]) -> dict[str, float]:
@@ -252,32 +242,41 @@ def summarize(samples: list[float]) -> dict[str, float]:
           "max": max(samples)}
 
 
-def environment(devices: list[jax.Device]) -> dict[str, object]:
+def environment(devices: list[jax.Device]) -> dict[str, Any]:
+  cpu_model = None
   try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:  # not on Linux
-    affinity = None
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu_model = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  try:
+    torch_version = __import__("torch").__version__
+  except ImportError:
+    torch_version = None
   return {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "python": platform.python_version(),
       "jax": jax.__version__,
-      "jaxlib": _jaxlib_version(),
-      "numpy": np.__version__,
+      "torch": torch_version,
       "platform": devices[0].platform,
       "device_kind": devices[0].device_kind,
       "devices_used": len(devices),
-      "devices_available": jax.device_count(),
+      "cpu_model": cpu_model,
       "cpu_count": os.cpu_count(),
-      "cpus_usable": affinity,
-      "machine": platform.machine(),
+      "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "commit": _git_commit(),
   }
 
 
-def _jaxlib_version() -> str | None:
+def _git_commit() -> str | None:
   try:
-    import jaxlib  # pylint: disable=g-import-not-at-top
-    return jaxlib.__version__
-  except ImportError:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True,
+                          cwd=pathlib.Path(__file__).parent).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
     return None
 
 
@@ -285,199 +284,187 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--epochs", type=int, default=5,
-                      help="measured epochs per variant, interleaved A B C "
-                      "(default 5)")
-  parser.add_argument("--batch-size", type=int, default=100,
-                      help="minibatch size M (default 100, the config's)")
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="measured epochs per variant, interleaved (default 5)")
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help=f"comma-separated, from {', '.join(VARIANTS)}")
   parser.add_argument("--devices", type=int, default=None,
                       help="use the first N jax devices (default: all)")
-  parser.add_argument("--variants", default="ABC",
-                      help="which variants to time, from A, B, C "
-                      "(default ABC; B is the reference and always runs)")
-  parser.add_argument("--matmul-size", type=int, default=2048,
-                      help="side of the square float32 matmul (default 2048)")
-  parser.add_argument("--matmul-repeats", type=int, default=10,
-                      help="timed matmuls; the median is quoted (default 10)")
+  parser.add_argument("--num-images", type=int, default=10_000,
+                      help="train on the first N test images (default 10,000)")
+  parser.add_argument("--matmul-size", type=int, default=4096,
+                      help="side of the square float32 matmul (default 4096)")
+  parser.add_argument("--matmul-repeats", type=int, default=10)
   parser.add_argument("--data-dir", type=pathlib.Path, default=None,
                       help="holds mnist/t10k-images-idx3-ubyte.gz (default: "
                       "$AVB_DATA_DIR, else ../shared/data)")
-  parser.add_argument("--json", type=pathlib.Path, default=None,
-                      help="also write the results to this JSON file")
+  parser.add_argument("--json", type=pathlib.Path, default=None)
+  parser.add_argument("--results", type=pathlib.Path, default=None,
+                      help="write the report as Markdown (benchmarks/RESULTS.md)")
   args = parser.parse_args(argv)
-  if args.epochs < 1:
-    parser.error(f"--epochs={args.epochs} must be at least 1")
-  unknown = set(args.variants) - set(_VARIANTS)
+  args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+  unknown = [v for v in args.variants if v not in VARIANTS]
   if unknown or not args.variants:
-    parser.error(f"--variants={args.variants!r}: choose from "
-                 f"{''.join(_VARIANTS)}")
-  # The ratios are to B, so it must be measured in every pair.
-  args.variants = "".join(v for v in _VARIANTS
-                          if v in args.variants or v == _REFERENCE)
+    parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+  if args.rounds < 1:
+    parser.error(f"--rounds={args.rounds} must be at least 1")
   return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   all_devices = jax.devices()
   num_devices = args.devices or len(all_devices)
-  if not 1 <= num_devices <= len(all_devices):
-    sys.exit(f"--devices={num_devices}: jax sees {len(all_devices)} device(s); "
-             "on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N "
-             "for more")
-  if args.batch_size % num_devices:
-    sys.exit(f"--batch-size={args.batch_size} must be a multiple of the "
-             f"{num_devices} devices, which each take an equal shard")
+  if not 1 <= num_devices <= len(all_devices) or 100 % num_devices:
+    sys.exit(f"--devices={num_devices}: jax sees {len(all_devices)} device(s), "
+             "and 100 (the batch) must divide evenly over them")
   devices = all_devices[:num_devices]
-
+  mesh = train.make_mesh(devices)
   data_dir = args.data_dir or data_lib.default_data_dir()
   try:
-    images = load_images(data_dir)
+    images = data_lib.read_idx(data_dir / _IMAGES_FILE)[:args.num_images]
   except data_lib.DataError as e:
     sys.exit(f"{e} (set --data-dir or $AVB_DATA_DIR)")
-  if args.batch_size > images.shape[0]:
-    sys.exit(f"--batch-size={args.batch_size} exceeds the "
-             f"{images.shape[0]} images")
-
+  images = images.astype(np.float32) / np.float32(255.0)
   env = environment(devices)
-  print(f"Environment: jax {env['jax']} (jaxlib {env['jaxlib']}), "
-        f"{env['devices_used']} of {env['devices_available']} "
-        f"{env['platform']} device(s) ({env['device_kind']}), "
-        f"{env['cpu_count']} CPUs ({env['cpus_usable']} usable), "
-        f"python {env['python']}", flush=True)
+  print(f"jax {env['jax']}, torch {env['torch']}, {num_devices} "
+        f"{env['platform']} device(s), {env['cpu_count']} CPUs "
+        f"({env['cpu_model']})", flush=True)
 
-  bench = Benchmark(images, args.batch_size, devices)
-  compile_s = bench.compile_seconds()
-  xla_step_flops = bench.step_flops()
-  # XLA counts the per-device SPMD program, which sees batch_size / devices
-  # examples.
-  xla_flops_per_example = (None if xla_step_flops is None
-                           else xla_step_flops * num_devices / args.batch_size)
-  # Warm-up: every variant once, so `_accumulate` is compiled and caches,
-  # allocator and thread pools are in their steady state before timing.
+  trainers, notes, setup_seconds = {}, {}, {}
   for variant in args.variants:
-    bench.run_epoch(variant)
+    start = time.perf_counter()
+    try:
+      trainer = make_trainer(variant, images, mesh)
+      trainer.run_epoch()  # compiles; warms caches, allocators, thread pools
+    except ImportError as e:
+      notes[variant] = f"skipped: {e}"
+      continue
+    except Exception as e:  # pylint: disable=broad-except
+      if type(e).__name__ != "VariantUnavailable":
+        raise
+      notes[variant] = f"unavailable: {e}"
+      continue
+    trainers[variant] = trainer
+    setup_seconds[variant] = time.perf_counter() - start
+  for variant, note in notes.items():
+    print(f"  {variant}: {note}")
 
-  samples = {v: [] for v in args.variants}
-  for pair in range(args.epochs):
-    for variant in args.variants:
-      samples[variant].append(bench.run_epoch(variant))
-    print(f"  pair {pair + 1}/{args.epochs}: " + ", ".join(
-        f"{v} {samples[v][-1]:,.0f}" for v in args.variants) + " examples/s",
-          flush=True)
-  if int(bench.state.bad_step) >= 0:
-    print(f"warning: the loss became non-finite at step "
-          f"{int(bench.state.bad_step)}; later steps skipped the update")
+  seconds = {v: [] for v in trainers}
+  waits = {v: [] for v in trainers}
+  for round_index in range(args.rounds):
+    for variant, trainer in trainers.items():
+      seconds[variant].append(trainer.run_epoch())
+      waits[variant].append(trainer.last_wait)
+    print(f"  round {round_index + 1}/{args.rounds}: " + ", ".join(
+        f"{v} {trainers[v].examples_per_epoch / seconds[v][-1]:,.0f}"
+        for v in trainers) + " examples/s", flush=True)
+  final_elbo = {v: float(t.metrics["elbo"] if np.ndim(t.metrics["elbo"]) == 0
+                         else np.mean(t.metrics["elbo"]))
+                for v, t in trainers.items()}
+  for trainer in trainers.values():
+    trainer.close()
 
   matmul_rates = matmul_gflops(args.matmul_size, args.matmul_repeats)
-  flops = matmul_flops_per_example(bench.model_config,
-                                   bench.config.objective.num_samples)
-
-  reference = samples[_REFERENCE]
-  results = {}
-  for variant in args.variants:
-    ratios = [s / r for s, r in zip(samples[variant], reference)]
-    median_rate = statistics.median(samples[variant])
-    results[variant] = {
-        "description": _VARIANTS[variant],
-        "examples_per_sec": samples[variant],
-        **{f"examples_per_sec_{k}": v
-           for k, v in summarize(samples[variant]).items()},
-        "ratio_to_reference": ratios,
-        **{f"ratio_to_reference_{k}": v for k, v in summarize(ratios).items()},
-        "ms_per_step_median": 1e3 * args.batch_size / median_rate,
-        "gflops_per_sec_median": median_rate * flops["total"] / 1e9,
-    }
   matmul_median = statistics.median(matmul_rates)
+  model_config = models.ModelConfig.from_config(mnist_config.get_config().model,
+                                                images.shape[1:])
+  flops = matmul_flops_per_example(model_config, 1)
 
-  print()
-  print(f"MNIST AEVB training throughput: default config "
-        f"({bench.model_config.data_dim}-"
-        f"{'-'.join(map(str, bench.model_config.hidden_sizes))} "
-        f"{bench.model_config.activation}-{bench.model_config.num_latents}, "
-        f"{bench.model_config.likelihood}, estimator "
-        f"{bench.config.objective.estimator}, "
-        f"L={bench.config.objective.num_samples}, M={args.batch_size}, "
-        f"{bench.config.optimizer.name} "
-        f"{bench.config.optimizer.learning_rate}, "
-        f"float32); {images.shape[0]:,} MNIST test images, "
-        f"{bench.steps_per_epoch} steps per epoch; {args.epochs} interleaved "
-        f"epochs per variant after a warm-up epoch.")
-  print()
-  print("| variant | examples/s median | min | max "
-        "| ratio to reference (median of per-pair, min-max) |")
-  print("|---|---:|---:|---:|---:|")
-  for variant, result in results.items():
-    ratio = ("1 (reference)" if variant == _REFERENCE else
-             f"{result['ratio_to_reference_median']:.3f} "
-             f"({result['ratio_to_reference_min']:.3f}-"
-             f"{result['ratio_to_reference_max']:.3f})")
-    print(f"| {variant}: {result['description']} "
-          f"| {result['examples_per_sec_median']:,.0f} "
-          f"| {result['examples_per_sec_min']:,.0f} "
-          f"| {result['examples_per_sec_max']:,.0f} | {ratio} |")
-  print()
-  print("| quantity | value |")
-  print("|---|---:|")
-  print(f"| matmul FLOPs per example: forward | {flops['forward']:,} |")
-  print(f"| matmul FLOPs per example: weight gradients | "
-        f"{flops['weight_grads']:,} |")
-  print(f"| matmul FLOPs per example: input gradients (all layers but the "
-        f"first) | {flops['input_grads']:,} |")
-  print(f"| matmul FLOPs per example: total | {flops['total']:,} |")
-  if xla_flops_per_example is not None:
-    print(f"| XLA cost_analysis FLOPs per example (all ops, cross-check) | "
-          f"{xla_flops_per_example:,.0f} |")
-  for variant, result in results.items():
-    print(f"| achieved GFLOP/s, {variant} (median) | "
-          f"{result['gflops_per_sec_median']:.2f} |")
-  print(f"| float32 matmul {args.matmul_size}x{args.matmul_size}, jitted: "
-        f"GFLOP/s median (min-max of {args.matmul_repeats}) | "
-        f"{matmul_median:.1f} ({min(matmul_rates):.1f}-"
-        f"{max(matmul_rates):.1f}) |")
-  for variant, result in results.items():
-    print(f"| fraction of matmul GFLOP/s, {variant} | "
-          f"{result['gflops_per_sec_median'] / matmul_median:.1%} |")
-  print("| ms per step (median), A / B | "
-        + " / ".join(f"{results[v]['ms_per_step_median']:.2f}"
-                     for v in ("A", _REFERENCE) if v in results) + " |")
-  print(f"| first step (compilation), s | {compile_s:.2f} |")
-  print()
-  print(f"Environment: jax {env['jax']}, jaxlib {env['jaxlib']}, "
-        f"numpy {env['numpy']}, python {env['python']}; "
-        f"{env['devices_used']} of {env['devices_available']} device(s), "
-        f"kind {env['device_kind']!r} ({env['platform']}); "
-        f"os.cpu_count()={env['cpu_count']}, usable CPUs={env['cpus_usable']}; "
-        f"XLA_FLAGS={env['xla_flags']!r}")
+  rates = {v: [trainers[v].examples_per_epoch / s for s in seconds[v]]
+           for v in trainers}
+  ratios = {}
+
+  def paired(name: str, numerator: str, denominator: str,
+             fn: Callable[[float, float], float]) -> None:
+    if numerator in rates and denominator in rates:
+      values = [fn(a, b) for a, b in zip(seconds[numerator], seconds[denominator])]
+      ratios[name] = {"per_round": values, **summarize(values)}
+
+  # Throughput ratios: (examples/s of a) / (examples/s of b) per round.
+  for other in ("torch_eager", "torch_compiled", "avb_streamed"):
+    paired(f"avb / {other} (examples/s)", "avb", other,
+           lambda a, b, o=other: (trainers["avb"].examples_per_epoch / a) /
+           (trainers[o].examples_per_epoch / b))
+  paired("avb_sweep8 time / avb time (8 runs vs 1)", "avb_sweep8", "avb",
+         lambda a, b: a / b)
 
   report = {
       "environment": env,
-      "settings": {"epochs": args.epochs, "batch_size": args.batch_size,
-                   "steps_per_epoch": bench.steps_per_epoch,
-                   "num_images": int(images.shape[0]),
-                   "images": str(data_dir / _IMAGES_FILE),
-                   "model": {"data_dim": bench.model_config.data_dim,
-                             "hidden_sizes": bench.model_config.hidden_sizes,
-                             "num_latents": bench.model_config.num_latents,
-                             "likelihood": bench.model_config.likelihood},
-                   "estimator": bench.config.objective.estimator,
-                   "num_samples": bench.config.objective.num_samples,
-                   "optimizer": bench.config.optimizer.name,
-                   "learning_rate": bench.config.optimizer.learning_rate},
-      "variants": results,
-      "reference": _REFERENCE,
-      "matmul_flops_per_example": flops,
-      "xla_flops_per_example": xla_flops_per_example,
-      "matmul_benchmark": {"size": args.matmul_size,
-                           "gflops_per_sec": matmul_rates,
-                           "gflops_per_sec_median": matmul_median},
-      "compile_seconds": compile_s,
+      "settings": {"rounds": args.rounds, "num_images": int(len(images)),
+                   "batch_size": 100, "steps_per_call": 100,
+                   "devices": num_devices},
+      "examples_per_sec": {v: {"per_round": r, **summarize(r)} for v, r in rates.items()},
+      "setup_seconds": setup_seconds,
+      "input_wait_fraction": {v: summarize(w) for v, w in waits.items()
+                              if v == "avb_streamed"},
+      "final_epoch_train_elbo": final_elbo,
+      "ratios": ratios,
+      "notes": notes,
+      "flops_per_example": flops,
+      "gflops_per_sec": {v: statistics.median(r) * flops["total"] / 1e9
+                         for v, r in rates.items() if v != "avb_sweep8"},
+      "matmul": {"size": args.matmul_size, "gflops_per_sec": matmul_rates,
+                 **summarize(matmul_rates)},
+      "peak_rss_mib": peak_rss_mib(),
+      "device_peak_mib": device_peak_mib(devices[0]),
   }
+  text = render(report, args)
+  print()
+  print(text)
   if args.json is not None:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"Wrote {args.json}")
+  if args.results is not None:
+    args.results.write_text(text)
+    print(f"Wrote {args.results}")
   return report
+
+
+def render(report: dict[str, Any], args: argparse.Namespace) -> str:
+  """The report as Markdown tables."""
+  env, flops = report["environment"], report["flops_per_example"]
+  matmul = report["matmul"]
+  lines = [
+      "| variant | examples/s median | min | max | GFLOP/s | fraction of matmul peak | final-epoch train ELBO |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for v, r in report["examples_per_sec"].items():
+    gflops = report["gflops_per_sec"].get(v)
+    fraction = "" if gflops is None else f"{gflops / matmul['median']:.0%}"
+    gf = "" if gflops is None else f"{gflops:.1f}"
+    lines.append(f"| {v} | {r['median']:,.0f} | {r['min']:,.0f} | {r['max']:,.0f} "
+                 f"| {gf} | {fraction} | {report['final_epoch_train_elbo'][v]:.1f} |")
+  lines += ["", "| paired ratio (per round) | median | min | max |",
+            "|---|---:|---:|---:|"]
+  for name, r in report["ratios"].items():
+    lines.append(f"| {name} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
+  lines += ["", "| quantity | value |", "|---|---:|"]
+  lines.append(f"| matmul FLOPs per example: forward / weight grads / input grads / total "
+               f"| {flops['forward']:,} / {flops['weight_grads']:,} / "
+               f"{flops['input_grads']:,} / {flops['total']:,} |")
+  lines.append(f"| float32 matmul {matmul['size']}x{matmul['size']} GFLOP/s, median (min-max) "
+               f"| {matmul['median']:.1f} ({matmul['min']:.1f}-{matmul['max']:.1f}) |")
+  for v, w in report["input_wait_fraction"].items():
+    lines.append(f"| input wait, {v} (fraction of epoch time, median / max) "
+                 f"| {w['median']:.2%} / {w['max']:.2%} |")
+  lines.append(f"| peak process RSS (all variants, MiB) | {report['peak_rss_mib']:,.0f} |")
+  if report["device_peak_mib"] is not None:
+    lines.append(f"| peak device memory (MiB) | {report['device_peak_mib']:,.0f} |")
+  for v, s in report["setup_seconds"].items():
+    lines.append(f"| set-up + compile + warm-up epoch, {v} (s) | {s:.1f} |")
+  for v, note in report["notes"].items():
+    lines.append(f"| {v} | {note} |")
+  lines += ["", f"Machine: {env['cpu_model']}, {env['cpu_count']} CPUs, "
+            f"{env['memory_gib']} GiB; {env['devices_used']} {env['platform']} "
+            f"device(s) ({env['device_kind']}); jax {env['jax']}, torch "
+            f"{env['torch']}, python {env['python']}; XLA_FLAGS="
+            f"{env['xla_flags']!r}; commit {env['commit']}; {env['date']}.",
+            f"Command: `python -m benchmarks.train_throughput "
+            f"{' '.join(sys.argv[1:])}`",
+            f"{report['settings']['rounds']} rounds; each sample is one epoch "
+            f"of {report['settings']['num_images']:,} images in batches of 100 "
+            "after a warm-up epoch; ratios are medians of per-round ratios."]
+  return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
