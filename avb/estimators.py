@@ -290,3 +290,184 @@ def per_example_grads(
   """
   in_axes = (None,) + (0,) * len(args)
   return jax.vmap(jax.grad(loss_fn), in_axes=in_axes)(params, *args)
+
+
+def iwae_bound(
+    rng: jax.Array,
+    mean: jax.Array,
+    log_var: jax.Array,
+    log_likelihood_fn: LogLikelihoodFn,
+    num_samples: int,
+) -> jax.Array:
+  """The K-sample importance-weighted bound of Burda et al. (2016).
+
+  L_K = log 1/K sum_k exp(log p(x|z_k) + log p(z_k) - log q(z_k|x)),
+  z_k ~ q(z|x). E[L_K] <= E[L_{K+1}] <= log p(x), and L_1 is estimator A's
+  ELBO: with the same key and K = 1 this returns `sgvb_a(...)["elbo"]`.
+
+  It is the same quantity as `importance_log_likelihood`, but shaped as a
+  training objective: one decoder call on all K samples (no chunking, so
+  memory grows with K), and the samples are the ones
+  `sgvb_a(rng, ..., num_samples=K)` draws, not those of per-sample keys.
+
+  Args:
+    rng: PRNG key.
+    mean: mean of q(z|x), [B, J].
+    log_var: log-variance of q(z|x), [B, J].
+    log_likelihood_fn: z [K, B, J] -> log p(x|z) [K, B].
+    num_samples: K, the number of importance samples per example.
+
+  Returns:
+    The bound, [B].
+  """
+  num_samples = _check_num_samples(num_samples)
+  noise, z = _draw(rng, mean, log_var, num_samples)
+  log_weights = (
+      log_likelihood_fn(z)
+      + distributions.standard_normal_log_prob(z)
+      - _posterior_log_prob_from_noise(noise, log_var))  # [K, B]
+  return jax.nn.logsumexp(log_weights, axis=0) - math.log(num_samples)  # [B]
+
+
+SCORE_FUNCTION_BASELINES = ("leave_one_out",)
+
+
+def score_function_surrogate(
+    rng: jax.Array,
+    mean: jax.Array,
+    log_var: jax.Array,
+    f: Callable[[jax.Array], jax.Array],
+    num_samples: int,
+    baseline: str | float | jax.Array | None = None,
+) -> jax.Array:
+  """A surrogate whose gradient is the score-function estimate of grad E_q[f].
+
+  The score-function (REINFORCE, likelihood-ratio) identity
+  grad_phi E_q[f(z)] = E_q[(f(z) - b) grad_phi log q(z|x)] holds for any b that
+  does not depend on z; it needs no gradient of f with respect to z, but its
+  variance is typically far larger than the reparameterized estimate's
+  (paper section 2.3 motivates SGVB with exactly this). The surrogate is
+
+    S = 1/L sum_l [f(z_l) + sg(f(z_l) - b_l) (log q(z_l) - sg(log q(z_l)))]
+
+  with sg = stop_gradient and the z_l themselves stopped. Its value is the
+  Monte Carlo estimate of E_q[f] (the second sum is exactly 0); its gradient
+  with respect to (mean, log_var) is 1/L sum_l (f(z_l) - b_l) grad log q(z_l);
+  its gradient with respect to anything f closes over (e.g. decoder
+  parameters) is 1/L sum_l grad f(z_l) at fixed z_l, which is unbiased too.
+  f must not depend on (mean, log_var) other than through z; add terms that
+  do, such as an analytic -KL, to the surrogate separately.
+
+  Args:
+    rng: PRNG key; the same key gives the same z as `sgvb_a`.
+    mean: mean of q(z|x), [B, J].
+    log_var: log-variance of q(z|x), [B, J].
+    f: z [L, B, J] -> [L, B], e.g. a log-likelihood.
+    num_samples: L.
+    baseline: the control variate b subtracted from f:
+      None: b = 0.
+      a float or an array broadcasting against [L, B] (e.g. a per-example [B]
+        baseline learned by a separate loss): used as given, under
+        stop_gradient.
+      "leave_one_out": b_l = the mean of f over the other L - 1 samples of the
+        same example. Independent of z_l, hence unbiased; needs L >= 2.
+        Equivalent to L / (L - 1) times centring f on its sample mean.
+
+  Returns:
+    The per-example surrogate, [B].
+
+  Raises:
+    ValueError: for an unknown baseline name, or "leave_one_out" with L < 2.
+  """
+  num_samples = _check_num_samples(num_samples)
+  if isinstance(baseline, str):
+    if baseline not in SCORE_FUNCTION_BASELINES:
+      raise ValueError(
+          f"Unknown baseline {baseline!r}; expected None, a number or array, "
+          f"or one of {SCORE_FUNCTION_BASELINES}.")
+    if num_samples < 2:
+      raise ValueError(
+          "The leave-one-out baseline needs num_samples >= 2, got "
+          f"{num_samples}.")
+  _, z = _draw(rng, mean, log_var, num_samples)
+  z = jax.lax.stop_gradient(z)  # [L, B, J]
+  values = f(z)  # [L, B]
+  if baseline is None:
+    centred = values
+  elif isinstance(baseline, str):  # "leave_one_out"
+    others = jnp.sum(values, axis=0) - values  # [L, B]
+    centred = values - others / (num_samples - 1)
+  else:
+    centred = values - jnp.asarray(baseline)
+  weights = jax.lax.stop_gradient(centred)  # [L, B]
+  log_posterior = distributions.diag_gaussian_log_prob(
+      z, mean, log_var)  # [L, B]
+  score_term = weights * (
+      log_posterior - jax.lax.stop_gradient(log_posterior))  # [L, B], value 0
+  return jnp.mean(values + score_term, axis=0)  # [B]
+
+
+def gradient_variance_stats(per_example_grads_tree: Any) -> dict[str, Any]:
+  """Spread of N gradient estimates, per leaf and over the whole tree.
+
+  Each leaf holds N >= 2 estimates g_1..g_N of the same gradient on a leading
+  axis (e.g. `per_example_grads` of one example with N keys, or N draws of a
+  stochastic estimator). With g_bar = 1/N sum_n g_n, over the leaf's elements
+  (or, for "total", over all leaves' elements together):
+
+    trace_cov = 1/(N - 1) sum_n ||g_n - g_bar||^2, the trace of the unbiased
+      sample covariance: the total variance of one estimate;
+    mean_sq_norm = 1/N sum_n ||g_n||^2, the second moment; equal to
+      ||g_bar||^2 + (N - 1)/N trace_cov;
+    mean_norm = ||g_bar||;
+    snr = ||g_bar|| / sqrt(trace_cov), the signal-to-noise ratio of one
+      estimate (inf or nan when the estimates are all equal).
+
+  Args:
+    per_example_grads_tree: a pytree whose leaves are [N, ...] arrays with the
+      same N.
+
+  Returns:
+    {"per_leaf": {"trace_cov", "mean_sq_norm", "mean_norm", "snr"}, each a
+    pytree shaped like the input with a scalar per leaf,
+    "total": {"trace_cov", "mean_sq_norm", "mean_norm", "snr"}, scalars}.
+
+  Raises:
+    ValueError: for an empty tree, leaves with different N, or N < 2.
+  """
+  leaves, treedef = jax.tree.flatten(per_example_grads_tree)
+  if not leaves:
+    raise ValueError("gradient_variance_stats needs at least one leaf.")
+  counts = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
+  if len(counts) != 1 or None in counts:
+    raise ValueError("Every leaf needs the same leading [N] axis, got shapes "
+                     f"{[jnp.shape(leaf) for leaf in leaves]}.")
+  (num,) = counts
+  if num < 2:
+    raise ValueError(f"Need N >= 2 estimates for a variance, got N={num}.")
+
+  def leaf_sums(leaf):
+    g = jnp.reshape(leaf, (num, -1))
+    g = g.astype(jnp.promote_types(g.dtype, jnp.float32))  # [N, P]
+    mean = jnp.mean(g, axis=0)  # [P]
+    # Centred before squaring: the textbook E[g^2] - E[g]^2 cancels badly
+    # when the signal dominates.
+    sum_sq_dev = jnp.sum(jnp.square(g - mean))
+    return (sum_sq_dev / (num - 1), jnp.sum(jnp.square(g)) / num,
+            jnp.sum(jnp.square(mean)))
+
+  sums = [leaf_sums(leaf) for leaf in leaves]
+
+  def stats(trace_cov, mean_sq_norm, sq_mean_norm):
+    mean_norm = jnp.sqrt(sq_mean_norm)
+    return {"trace_cov": trace_cov, "mean_sq_norm": mean_sq_norm,
+            "mean_norm": mean_norm, "snr": mean_norm / jnp.sqrt(trace_cov)}
+
+  per_leaf = [stats(*s) for s in sums]
+  total = stats(*(sum(s[i] for s in sums) for i in range(3)))
+  return {
+      "per_leaf": {
+          key: jax.tree.unflatten(treedef, [p[key] for p in per_leaf])
+          for key in total},
+      "total": total,
+  }
