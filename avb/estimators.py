@@ -192,6 +192,7 @@ def importance_log_likelihood(
     log_likelihood_fn: LogLikelihoodFn,
     num_samples: int,
     chunk_size: int = 500,
+    draw: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None,
 ) -> jax.Array:
   """Importance-sampled log p(x) with q(z|x) as the proposal.
 
@@ -220,6 +221,8 @@ def importance_log_likelihood(
       with C the balanced chunk size described above.
     num_samples: K; static under jit.
     chunk_size: the most samples per decoder call; static under jit.
+    draw: for a non-Gaussian q: key -> (z [B, J], log p(z) - log q(z|x) [B]);
+      None draws from the diagonal Gaussian (mean, log_var).
 
   Returns:
     The estimate of log p(x), [B].
@@ -246,14 +249,16 @@ def importance_log_likelihood(
   @jax.checkpoint
   def step(running: jax.Array, chunk: tuple[jax.Array, jax.Array]):
     chunk_keys, chunk_is_real = chunk  # [C] keys, [C]
-    noise = jax.vmap(
-        lambda key: jax.random.normal(key, mean.shape, dtype=dtype))(
-            chunk_keys)  # [C, B, J]
-    z = distributions.gaussian_sample_from_noise(noise, mean, log_var)
-    log_weights = (
-        log_likelihood_fn(z)
-        + distributions.standard_normal_log_prob(z)
-        - _posterior_log_prob_from_noise(noise, log_var))  # [C, B]
+    if draw is None:
+      noise = jax.vmap(
+          lambda key: jax.random.normal(key, mean.shape, dtype=dtype))(
+              chunk_keys)  # [C, B, J]
+      z = distributions.gaussian_sample_from_noise(noise, mean, log_var)
+      log_prior_ratio = (distributions.standard_normal_log_prob(z)
+                         - _posterior_log_prob_from_noise(noise, log_var))
+    else:
+      z, log_prior_ratio = jax.vmap(draw)(chunk_keys)  # [C, B, J], [C, B]
+    log_weights = log_likelihood_fn(z) + log_prior_ratio  # [C, B]
     log_weights = jnp.where(
         chunk_is_real[:, None], log_weights.astype(dtype), -jnp.inf)
     # logaddexp of two max-stabilised logsumexps is itself max-stabilised, and

@@ -575,3 +575,69 @@ def iwae_bound_family(
   log_weights = (log_likelihood_fn(z)
                  + jnp.sum(log_prior - log_posterior, axis=-1))  # [K, B]
   return jax.nn.logsumexp(log_weights, axis=0) - math.log(num_samples)  # [B]
+
+
+def importance_log_likelihood_family(
+    family: "str | Family",
+    rng: jax.Array,
+    loc: jax.Array,
+    log_scale: jax.Array,
+    log_likelihood_fn: LogLikelihoodFn,
+    num_samples: int,
+    chunk_size: int = 500,
+) -> jax.Array:
+  """Importance-sampled log p(x) [B] with q(z|x) of any family as proposal.
+
+  `estimators.importance_log_likelihood` with this family's sampler and
+  densities: K samples in chunks of at most `chunk_size` decoder passes, so
+  memory stays bounded for K in the thousands.
+  """
+  family = get_family(family)
+  params = Params(loc, log_scale)
+  dtype = jnp.result_type(loc)
+
+  def draw(key):
+    noise = family.noise(key, loc.shape, dtype)  # [B, J]
+    z = family.sample_from_noise(params, noise)
+    log_ratio = (family.prior_log_prob_from_noise(params, noise)
+                 - family.log_prob_from_noise(params, noise))  # [B, J]
+    return z, jnp.sum(log_ratio, axis=-1)
+
+  return estimators.importance_log_likelihood(
+      rng, loc, 2 * log_scale, log_likelihood_fn, num_samples, chunk_size,
+      draw=draw)
+
+
+def iwae_terms(
+    family: "str | Family",
+    rng: jax.Array,
+    loc: jax.Array,
+    log_scale: jax.Array,
+    log_likelihood_fn: LogLikelihoodFn,
+    num_samples: int,
+) -> dict[str, jax.Array]:
+  """The K-sample importance-weighted bound and, from the same samples, estimator A.
+
+  For training with the IWAE objective: "iwae" [B] is the bound, and
+  "elbo", "reconstruction", "kl" [B] and "kl_per_latent" [B, J] are estimator
+  A's averages over the same K samples, for monitoring. At K = 1, "iwae" and
+  "elbo" are equal.
+  """
+  family = get_family(family)
+  num_samples = _check_num_samples(num_samples)
+  params = Params(loc, log_scale)
+  _, z, log_posterior, log_prior = _draw(family, rng, params, num_samples)
+  log_likelihood = log_likelihood_fn(z)  # [K, B]
+  log_ratio = log_posterior - log_prior  # [K, B, J]
+  log_weights = log_likelihood - jnp.sum(log_ratio, axis=-1)  # [K, B]
+  reconstruction = jnp.mean(log_likelihood, axis=0)
+  kl = jnp.mean(jnp.sum(log_ratio, axis=-1), axis=0)
+  return {
+      "iwae": jax.nn.logsumexp(log_weights, axis=0) - math.log(num_samples),
+      "elbo": reconstruction - kl,
+      "reconstruction": reconstruction,
+      "kl": kl,
+      "kl_per_latent": (family.kl_to_prior(params) if family.has_closed_form_kl
+                        else jnp.mean(log_ratio, axis=0)),
+      "z": z,
+  }

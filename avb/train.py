@@ -49,6 +49,7 @@ import optax
 from avb import config_utils
 from avb import distributions
 from avb import estimators
+from avb import families
 from avb import input_pipeline
 from avb import models
 
@@ -160,8 +161,21 @@ def encode(model_config: models.ModelConfig, params: PyTree,
 
 
 def elbo_terms(model_config: models.ModelConfig, params: PyTree, x: jax.Array,
-               rng: jax.Array, estimator: str, num_samples: int) -> Metrics:
+               rng: jax.Array, estimator: str, num_samples: int,
+               posterior: str = "gaussian") -> Metrics:
   """Per-example ELBO terms of a batch, x: [B, D] flattened.
+
+  Args:
+    model_config: the model.
+    params: its parameters.
+    x: [B, D].
+    rng: PRNG key.
+    estimator: "A", "B" or "iwae" (the K-sample importance-weighted bound,
+      K = num_samples, which adds "iwae" [B] to the terms).
+    num_samples: L (or K).
+    posterior: the variational family of q(z|x) (`avb.families`); the
+      encoder's two outputs are its (loc, 2 * log_scale), so for "gaussian"
+      they are (mean, log_var).
 
   Returns:
     The estimator's dict: "elbo", "reconstruction", "kl" [B],
@@ -169,28 +183,45 @@ def elbo_terms(model_config: models.ModelConfig, params: PyTree, x: jax.Array,
     "log_var" [B, J].
   """
   mean, log_var, log_likelihood_fn = encode(model_config, params, x)
-  terms = estimators.elbo_terms(estimator, rng, mean, log_var,
+  if estimator == "iwae":
+    terms = families.iwae_terms(posterior, rng, mean, 0.5 * log_var,
                                 log_likelihood_fn, num_samples)
+  elif posterior == "gaussian":
+    terms = estimators.elbo_terms(estimator, rng, mean, log_var,
+                                  log_likelihood_fn, num_samples)
+  else:
+    terms = families.elbo_terms_family(posterior, estimator, rng, mean,
+                                       0.5 * log_var, log_likelihood_fn,
+                                       num_samples)
   return {**terms, "mean": mean, "log_var": log_var}
+
+
+def eval_estimator(posterior: str) -> str:
+  """The test-ELBO estimator: B where the family's KL is closed-form, else A."""
+  return "B" if families.get_family(posterior).has_closed_form_kl else "A"
 
 
 def loss_fn(params: PyTree, x: jax.Array, rng: jax.Array,
             hyper: dict[str, jax.Array], *,
             model_config: models.ModelConfig,
             objective: ml_collections.ConfigDict,
-            num_train: int) -> tuple[jax.Array, Metrics]:
+            num_train: int,
+            posterior: str = "gaussian") -> tuple[jax.Array, Metrics]:
   """The AEVB objective of one minibatch, negated for minimisation.
 
   loss = -(mean_i ELBO(x_i) + log p(theta) / N): the MAP weight prior is
   spread over the N training points, so the loss stays a per-datapoint bound.
-  `hyper["weight_prior_std"]` overrides the config's value (sweeps).
+  With estimator "iwae" the K-sample importance-weighted bound replaces the
+  ELBO (and is logged as "iwae_bound"). `hyper["weight_prior_std"]` overrides
+  the config's value (sweeps).
   """
   terms = elbo_terms(model_config, params, x, rng, objective.estimator,
-                     objective.num_samples)
+                     objective.num_samples, posterior)
   elbo = jnp.mean(terms["elbo"])
+  bound = jnp.mean(terms["iwae"]) if "iwae" in terms else elbo
   log_prior = weight_log_prior(
       params, hyper.get("weight_prior_std", objective.weight_prior_std))
-  loss = -(elbo + log_prior / num_train)
+  loss = -(bound + log_prior / num_train)
   metrics = {
       "loss": loss,
       "elbo": elbo,
@@ -199,6 +230,8 @@ def loss_fn(params: PyTree, x: jax.Array, rng: jax.Array,
       "kl_per_latent": jnp.mean(terms["kl_per_latent"], axis=0),  # [J]
       "weight_log_prior": log_prior,
   }
+  if "iwae" in terms:
+    metrics["iwae_bound"] = bound
   return loss, metrics
 
 
@@ -206,7 +239,8 @@ def aevb_loss(model_config: models.ModelConfig,
               config: ml_collections.ConfigDict, num_train: int) -> Callable:
   """`loss(params, x, rng, hyper) -> (loss, metrics)` of the AEVB objective."""
   return functools.partial(loss_fn, model_config=model_config,
-                           objective=config.objective, num_train=num_train)
+                           objective=config.objective, num_train=num_train,
+                           posterior=config.model.get("posterior", "gaussian"))
 
 
 def _global_norm(tree: PyTree) -> jax.Array:
@@ -389,10 +423,12 @@ def make_eval_fns(model_config: models.ModelConfig,
   replicated, sharded = shardings(mesh)
   in_shardings = (replicated, sharded, sharded, replicated, replicated)
   eval_config = config.eval
+  posterior = config.model.get("posterior", "gaussian")
 
   def elbo_sums(params, x, mask, rng, index):
     terms = elbo_terms(model_config, params, x, jax.random.fold_in(rng, index),
-                       "B", eval_config.num_samples)
+                       eval_estimator(posterior), eval_config.num_samples,
+                       posterior)
     return {
         "elbo": jnp.sum(terms["elbo"] * mask),
         "reconstruction": jnp.sum(terms["reconstruction"] * mask),
@@ -403,11 +439,17 @@ def make_eval_fns(model_config: models.ModelConfig,
 
   def log_likelihood_sums(params, x, mask, rng, index):
     mean, log_var, log_likelihood_fn = encode(model_config, params, x)
-    log_px = estimators.importance_log_likelihood(
-        jax.random.fold_in(rng, index), mean, log_var, log_likelihood_fn,
-        num_samples=eval_config.log_likelihood_samples,
-        chunk_size=min(eval_config.log_likelihood_chunk,
-                       eval_config.log_likelihood_samples))
+    chunk_size = min(eval_config.log_likelihood_chunk,
+                     eval_config.log_likelihood_samples)
+    rng = jax.random.fold_in(rng, index)
+    if posterior == "gaussian":
+      log_px = estimators.importance_log_likelihood(
+          rng, mean, log_var, log_likelihood_fn,
+          eval_config.log_likelihood_samples, chunk_size)
+    else:
+      log_px = families.importance_log_likelihood_family(
+          posterior, rng, mean, 0.5 * log_var, log_likelihood_fn,
+          eval_config.log_likelihood_samples, chunk_size)
     return {"log_likelihood": jnp.sum(log_px * mask),
             "log_likelihood_sq": jnp.sum(jnp.square(log_px) * mask),
             "count": jnp.sum(mask)}
@@ -609,19 +651,20 @@ def create_states(runs: list[Run], swept: bool,
 # Checkpoints.
 
 
-def _checkpoint_manager(workdir: pathlib.Path, max_to_keep: int):
+def checkpoint_manager(workdir: pathlib.Path, max_to_keep: int):
+  """An orbax CheckpointManager for `workdir/checkpoints`."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
-def _restore(manager, step: int, target: TrainState) -> TrainState:
+def restore_checkpoint(manager, step: int, target: TrainState) -> TrainState:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def _save(manager, state: TrainState) -> None:
+def save_checkpoint(manager, state: TrainState) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   # Every process calls this; orbax writes each array once and agrees on
   # completion across processes.
@@ -726,12 +769,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   replicated, sharded = shardings(mesh)
   state = jax.device_put(create_states(runs, swept, model_config, tx), replicated)
 
-  manager = _checkpoint_manager(workdir_path, config.training.max_checkpoints_to_keep)
+  manager = checkpoint_manager(workdir_path, config.training.max_checkpoints_to_keep)
   latest = manager.latest_step()
   if latest is not None:
     _check_checkpoint_compatible(workdir_path, config, state)
     try:
-      state = _restore(manager, latest, state)
+      state = restore_checkpoint(manager, latest, state)
     except Exception as e:  # orbax raises many types for a mismatched tree.
       raise config_utils.ConfigError(
           f"--workdir={workdir} holds a checkpoint (step {latest}) that does "
@@ -813,9 +856,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     write_split(step, test, "test")
     return test
 
-  def save_checkpoint() -> None:
+  def periodic_checkpoint() -> None:
     check_finite()
-    _save(manager, loop.state)
+    save_checkpoint(manager, loop.state)
 
   boundaries = (config.training.log_every, config.training.eval_every,
                 config.training.checkpoint_every)
@@ -844,12 +887,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if done % config.training.eval_every == 0 and done != num_steps:
         run_eval(done)
       if done % config.training.checkpoint_every == 0 and done != num_steps:
-        save_checkpoint()
+        periodic_checkpoint()
   except KeyboardInterrupt:
     # Keep the work done so far: a restart on the same workdir resumes here.
     try:
       if loop.step > initial_step and (swept or int(loop.state.bad_step) < 0):
-        _save(manager, loop.state)
+        save_checkpoint(manager, loop.state)
         manager.wait_until_finished()
         logging.warning("Interrupted: saved a checkpoint at step %d.", loop.step)
     except RuntimeError as e:  # Interrupted mid-dispatch: buffers donated.
@@ -864,7 +907,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   check_finite()
   final_step = loop.step
   if latest is None or final_step != latest:
-    _save(manager, state)
+    save_checkpoint(manager, state)
   manager.wait_until_finished()
 
   test = run_eval(final_step)

@@ -335,3 +335,16 @@ def test_tpu_variant_is_the_paper_budget_in_big_batches(name):
   config_utils.validate_config(config, num_devices=8)
   with pytest.raises(ConfigError, match="choose one of"):
     CONFIG_MODULES[name].get_config("tpu,smoke")
+
+
+def test_posterior_names_match_the_families_module():
+  from avb import families  # pylint: disable=g-import-not-at-top
+  assert config_utils.POSTERIORS == tuple(families.FAMILIES)
+  assert config_utils.NO_CLOSED_FORM_KL == tuple(
+      name for name, f in families.FAMILIES.items() if not f.has_closed_form_kl)
+
+
+def test_estimator_b_without_closed_form_kl_says_use_a():
+  config = _smoke_config()
+  config.model.posterior = "logistic"
+  assert "use estimator A" in _error(config)

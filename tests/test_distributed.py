@@ -53,7 +53,7 @@ def _config():
 def _params(workdir: pathlib.Path, like=None):
   """The last checkpoint's params; `like` restores one written elsewhere."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = train._checkpoint_manager(workdir, 2)
+  manager = train.checkpoint_manager(workdir, 2)
   step = manager.latest_step()
   if like is None:
     restored = manager.restore(step)
@@ -100,8 +100,11 @@ def test_two_processes_train_what_one_process_with_eight_devices_trains(
   import json  # pylint: disable=g-import-not-at-top
   summary = json.loads((tmp_path / "two" / "summary.json").read_text())
   assert summary["num_train"] == reference["num_train"]
+  # The KL term is closed-form; the reconstruction term's noise is drawn per
+  # evaluation batch, whose composition depends on the process layout.
+  np.testing.assert_allclose(summary["test_kl"], reference["test_kl"], rtol=1e-4)
   np.testing.assert_allclose(summary["test_elbo"], reference["test_elbo"],
-                             rtol=1e-5)
+                             rtol=2e-3)
   # Only process 0 wrote logs and images.
   assert (tmp_path / "two" / "metrics.jsonl").exists()
   assert len(list((tmp_path / "two").glob("events.out.tfevents.*"))) == 1

@@ -61,10 +61,16 @@ def aevb_config(arg: str | None, *, dataset: str, likelihood: str,
   config.model.likelihood = likelihood
   config.model.init = "paper"  # N(0, init_std^2) for all weights and biases
   config.model.init_std = 0.01
+  # The variational family of q(z|x) (AEVB section 2.4): gaussian, laplace,
+  # logistic (estimator A only), cauchy, gumbel or lognormal, each with its
+  # standard prior (see avb/families.py).
+  config.model.posterior = "gaussian"
 
   config.objective = ml_collections.ConfigDict()
-  config.objective.estimator = args.estimator  # "A" (eq. 6) or "B" (eq. 7)
-  config.objective.num_samples = 1  # L
+  # "A" (eq. 6), "B" (eq. 7), or "iwae": the K-sample importance-weighted
+  # bound (Burda et al. 2016) with K = num_samples.
+  config.objective.estimator = args.estimator
+  config.objective.num_samples = 1  # L (K for iwae)
   # MAP with a N(0, s^2 I) prior on all parameters, scaled by 1/N so the
   # objective stays a per-datapoint bound. 0 turns it off.
   config.objective.weight_prior_std = 1.0
