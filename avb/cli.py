@@ -41,12 +41,17 @@ def fail(message: str) -> None:
   sys.exit(1)
 
 
-def run(default_config: str, experiment: Callable[..., object]) -> None:
+def run(default_config: str, experiment: Callable[..., object],
+        validate: Callable[..., None] | None = None) -> None:
   """Defines --config and --workdir and runs `experiment(config, workdir)`.
 
   Args:
     default_config: path of the config file used when --config is not given.
     experiment: e.g. `avb.train.train_and_evaluate`.
+    validate: `validate(config, num_devices=..., num_processes=...)`, raising
+      `config_utils.ConfigError` on a bad field, called before any data or
+      device work; default `config_utils.validate_config` (the AEVB
+      sections). Entry points with other sections (dSprites) pass theirs.
   """
   config_flag = config_flags.DEFINE_config_file(
       "config", default_config, "Experiment config file (path[:args]).",
@@ -65,8 +70,9 @@ def run(default_config: str, experiment: Callable[..., object]) -> None:
       from avb import distributed  # pylint: disable=g-import-not-at-top
       distributed.initialize(config)
       import jax  # pylint: disable=g-import-not-at-top
-      config_utils.validate_config(config, num_devices=jax.device_count(),
-                                   num_processes=jax.process_count())
+      (validate or config_utils.validate_config)(
+          config, num_devices=jax.device_count(),
+          num_processes=jax.process_count())
       config_utils.check_workdir(workdir_flag.value)
       # TensorFlow (tfds, TensorBoard writers) must not grab accelerator
       # memory that JAX needs.
