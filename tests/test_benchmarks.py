@@ -27,3 +27,15 @@ def test_flop_count_is_about_two_and_a_half_forwards():
   flops = train_throughput.matmul_flops_per_example(config, num_samples=1)
   assert flops["forward"] == 2 * (784 * 500 + 2 * 500 * 20 + 20 * 500 + 500 * 784)
   assert 2.4 < flops["total"] / flops["forward"] < 2.6
+
+
+def test_figure2_time_projects_every_group(capsys):
+  from benchmarks import figure2_time  # pylint: disable=g-import-not-at-top
+  report = figure2_time.main(["--variant=smoke", "--examples=400",
+                              "--num-seeds=1", "--rounds=1"])
+  # The smoke variant has one latent size: one AEVB and one wake-sleep group.
+  assert set(report["groups"]) == {"aevb_z2", "wake_sleep_z2"}
+  total = sum(g["projected_seconds"] for g in report["groups"].values())
+  assert abs(total - report["projected_seconds"]) < 1e-6
+  assert report["projected_seconds"] > 0
+  assert "projected / target" in capsys.readouterr().out
