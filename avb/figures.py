@@ -990,21 +990,25 @@ def _band(ax, x, per_seed: np.ndarray, color: str, linestyle: str,
 
 
 def _auto_y_limits(curves: list[np.ndarray]) -> tuple[float, float] | None:
-  """Limits that show the converging part of every well-behaved curve.
+  """Limits that show the converging part of the curves, robust to blow-ups.
 
-  Early points (the first quarter of each curve) are left out, and so is a
-  curve far below the others (a run that blew up and is still recovering):
-  the bottom is at most three times the distance from the top to the lower
-  quartile below the top. What falls below is annotated by `_note_off_scale`.
+  The scale is set by the best curve (the highest final value): its late part
+  (after the first quarter of its points) gives the top and a spread. The
+  bottom reaches the lowest final value of any curve, but at most three such
+  spreads below the top, so a run that blew up (wake-sleep at some latent
+  sizes, values of -10^5) does not flatten every other curve into a line;
+  what ends below is annotated by `_note_off_scale`.
   """
-  late = [c[len(c) // 4:] for c in curves if len(c)]
-  values = np.concatenate([np.ravel(c) for c in late]) if late else np.array([])
-  values = values[np.isfinite(values)]
-  if not values.size:
+  late = [np.asarray(c, np.float64)[len(c) // 4:] for c in curves if len(c)]
+  late = [c[np.isfinite(c)] for c in late]
+  late = [c for c in late if c.size]
+  if not late:
     return None
-  high = float(values.max())
-  low = max(float(values.min()),
-            high - 3.0 * (high - float(np.percentile(values, 25))))
+  best = max(late, key=lambda c: c[-1])
+  high = max(float(c.max()) for c in late)
+  spread = max(high - float(best.min()), 1.0)
+  lowest = min(float(best.min()), min(float(c[-1]) for c in late))
+  low = max(lowest, high - 3.0 * spread)
   margin = 0.08 * max(high - low, 1.0)
   return low - margin, high + margin
 

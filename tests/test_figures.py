@@ -516,3 +516,16 @@ def test_mcem_device_steps_equal_mcem_steps_one_by_one():
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(float(sums["log_joint"][run]), sum(log_joints),
                                rtol=1e-4)
+
+
+def test_auto_y_limits_ignore_a_blown_up_curve():
+  x = np.linspace(0.0, 1.0, 8)
+  good = -200.0 + 60.0 * x  # ends at -140
+  close = -220.0 + 65.0 * x  # ends at -155
+  blown = np.full(8, -4e5)  # a wake-sleep seed that diverged
+  low, high = figures._auto_y_limits([good, close, blown])
+  assert high > -140.0 > -155.0 > low  # both sane curves' ends are shown
+  assert low > -1000.0  # the blow-up does not set the scale
+  # Without the blow-up the bottom is the lowest end of the shown curves.
+  low, high = figures._auto_y_limits([good, close])
+  assert high > -140.0 > -155.0 > low > -200.0

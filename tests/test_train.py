@@ -360,8 +360,10 @@ def test_seed_sweep_trains_each_run_as_if_alone(tmp_path, monkeypatch):
   params, _ = _final_params(tmp_path / "alone")
   for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(params)):
     assert a.shape == (2, *b.shape)
-    # vmap batches the matmuls, which changes float summation order only.
-    np.testing.assert_allclose(a[1], b, rtol=1e-4, atol=1e-5)
+    # vmap batches the matmuls, which changes float summation order only;
+    # Adagrad divides by the root of a near-zero accumulator for rarely lit
+    # pixels, which magnifies that to ~3e-5 on a few weights (measured).
+    np.testing.assert_allclose(a[1], b, rtol=1e-4, atol=1e-4)
     assert not np.allclose(a[0], a[1])
   np.testing.assert_allclose(result["runs"][1]["test_elbo"], single["test_elbo"],
                              rtol=1e-4)
