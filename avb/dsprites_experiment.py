@@ -701,14 +701,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   latest = manager.latest_step()
   if latest is not None:
     _check_resumable(workdir_path, run_info)
-    try:
-      state = train.restore_checkpoint(manager, latest, state)
-    except Exception as e:  # orbax raises many types for a mismatched tree.
-      raise config_utils.ConfigError(
-          f"--workdir={workdir} holds a checkpoint (step {latest}) that does "
-          f"not fit this config ({type(e).__name__}); use a new --workdir or "
-          "the config that wrote it") from None
-    logging.info("Resumed from %s at step %d.", manager.directory, latest)
+    state = train.resume(manager, latest, state, workdir)
     summary_path = workdir_path / "summary.json"
     if latest >= config.training.num_steps and summary_path.exists():
       logging.info("Run already complete; its summary is %s.", summary_path)

@@ -639,14 +639,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                                      config.training.max_checkpoints_to_keep)
   latest = manager.latest_step()
   if latest is not None:
-    try:
-      state = train.restore_checkpoint(manager, latest, state)
-    except Exception as e:  # orbax raises many types for a mismatched tree.
-      raise config_utils.ConfigError(
-          f"--workdir={workdir} holds a checkpoint (step {latest}) that does "
-          f"not fit this config ({type(e).__name__}); use a new --workdir or "
-          "the config that wrote it") from None
-    logging.info("Resumed from %s at step %d.", manager.directory, latest)
+    state = train.resume(manager, latest, state, workdir)
   elif is_writer:
     writers.write_json(workdir_path / "config.json", config.to_dict())
   initial_step = latest if latest is not None else 0

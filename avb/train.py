@@ -671,6 +671,26 @@ def restore_checkpoint(manager, step: int, target: TrainState) -> TrainState:
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def resume(manager, step: int, target: TrainState, workdir: str) -> TrainState:
+  """`restore_checkpoint`; a checkpoint of another config is a one-line error.
+
+  Every entry point resumes through this, so a --workdir written by a
+  different model is refused the same way everywhere.
+
+  Raises:
+    config_utils.ConfigError: the checkpoint's tree does not fit `target`.
+  """
+  try:
+    state = restore_checkpoint(manager, step, target)
+  except Exception as e:  # orbax raises many types for a mismatched tree.
+    raise config_utils.ConfigError(
+        f"--workdir={workdir} holds a checkpoint (step {step}) that does "
+        f"not fit this config ({type(e).__name__}); use a new --workdir or "
+        "the config that wrote it") from None
+  logging.info("Resumed from %s at step %d.", manager.directory, step)
+  return state
+
+
 def save_checkpoint(manager, state: TrainState) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   # Every process calls this; orbax writes each array once and agrees on
@@ -780,14 +800,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   latest = manager.latest_step()
   if latest is not None:
     _check_checkpoint_compatible(workdir_path, config, state)
-    try:
-      state = restore_checkpoint(manager, latest, state)
-    except Exception as e:  # orbax raises many types for a mismatched tree.
-      raise config_utils.ConfigError(
-          f"--workdir={workdir} holds a checkpoint (step {latest}) that does "
-          f"not fit this config ({type(e).__name__}); use a new --workdir or "
-          "the config that wrote it") from None
-    logging.info("Resumed from %s at step %d.", manager.directory, latest)
+    state = resume(manager, latest, state, workdir)
     summary_path = workdir_path / "summary.json"
     if latest >= config.training.num_steps and summary_path.exists():
       logging.info("Run already complete; its summary is %s.", summary_path)
