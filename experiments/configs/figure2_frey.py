@@ -19,9 +19,9 @@ paper (10^8 examples, 3 seeds), smoke (seconds). num_seeds=N trains seeds
 0..N-1. Rerunning a command on the same workdir resumes an interrupted run and
 skips finished curves.
 
-Time on the quiet 2-core CPU (measured throughput, REPRODUCTION.md): the cpu
-variant trains for about 69 minutes with 2 seeds and 42 with :num_seeds=1;
-the 30-minute target is not met (see REPRODUCTION.md for why).
+Time on the quiet 2-core CPU (REPRODUCTION.md): :num_seeds=1 took 35.7
+minutes end to end (measured); 2 seeds project to about an hour. The
+30-minute target is not met (see REPRODUCTION.md for why).
 """
 
 from ml_collections import config_dict
