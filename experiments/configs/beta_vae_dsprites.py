@@ -32,6 +32,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from avb import config_utils
+from experiments.configs import common
 
 VARIANTS = ("smoke", "cpu", "paper")
 
@@ -116,12 +117,7 @@ def dsprites_config(arg: str | None, objective: str) -> ml_collections.ConfigDic
   config.sweep.grid = ()
   config.sweep.seeds = ()
 
-  config.distributed = ml_collections.ConfigDict()
-  config.distributed.enabled = False
-  config.distributed.coordinator_address = config_dict.placeholder(str)
-  config.distributed.num_processes = config_dict.placeholder(int)
-  config.distributed.process_id = config_dict.placeholder(int)
-  config.distributed.timeout_s = 120.0
+  config.distributed = common.distributed_section()
 
   config.eval = ml_collections.ConfigDict()
   config.eval.metrics = ("beta_vae", "factor_vae", "mig", "dci")

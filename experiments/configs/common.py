@@ -23,6 +23,22 @@ from ml_collections import config_dict
 from avb import config_utils
 
 
+def distributed_section() -> ml_collections.ConfigDict:
+  """`config.distributed`, shared by every entry point's config.
+
+  Multi-process runs (one process per host). AVB_COORDINATOR,
+  AVB_NUM_PROCESSES and AVB_PROCESS_ID override these fields. Without a
+  coordinator address JAX discovers the cluster (TPU pod slice, SLURM).
+  """
+  section = ml_collections.ConfigDict()
+  section.enabled = False
+  section.coordinator_address = config_dict.placeholder(str)
+  section.num_processes = config_dict.placeholder(int)
+  section.process_id = config_dict.placeholder(int)
+  section.timeout_s = 120.0
+  return section
+
+
 def aevb_config(arg: str | None, *, dataset: str, likelihood: str,
                 hidden: int, latent_dim: int, learning_rate: float,
                 cpu_steps: int, eval_batch_size: int = 1000,
@@ -101,15 +117,7 @@ def aevb_config(arg: str | None, *, dataset: str, likelihood: str,
   config.sweep.axis = config_dict.placeholder(str)
   config.sweep.grid = ()
 
-  # Multi-process runs (one process per host). AVB_COORDINATOR,
-  # AVB_NUM_PROCESSES and AVB_PROCESS_ID override these fields. Without a
-  # coordinator address JAX discovers the cluster (TPU pod slice, SLURM).
-  config.distributed = ml_collections.ConfigDict()
-  config.distributed.enabled = False
-  config.distributed.coordinator_address = config_dict.placeholder(str)
-  config.distributed.num_processes = config_dict.placeholder(int)
-  config.distributed.process_id = config_dict.placeholder(int)
-  config.distributed.timeout_s = 120.0
+  config.distributed = distributed_section()
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = eval_batch_size
