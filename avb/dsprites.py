@@ -748,6 +748,11 @@ def load_tfds(tfds_data_dir: str | None = None) -> DSprites:
   `factors_to_index` of their labels.
   """
   where = tfds_data_dir or "the default TFDS data dir"
+  if not data_lib.tfds_installed():
+    raise DSpritesError(
+        "source='tfds' needs tensorflow-datasets, which the base install "
+        f"leaves out; install the extra with {data_lib.TFDS_INSTALL_HINT}, or "
+        "use source='render'")
   if not tfds_is_prepared(tfds_data_dir):
     raise DSpritesError(
         f"TFDS dsprites is not prepared in {where}; run `tfds build dsprites` "

@@ -395,7 +395,16 @@ def test_unknown_source():
   _one_line(excinfo, "hdf5", "npz, tfds, render")
 
 
-def test_tfds_not_prepared(tmp_path):
+def test_tfds_not_prepared(tmp_path, monkeypatch):
+  # As with the `tfds` extra installed; the folder check answers first.
+  monkeypatch.setattr(dsprites.data_lib, "tfds_installed", lambda: True)
   with pytest.raises(dsprites.DSpritesError) as excinfo:
     dsprites.load_dsprites("tfds", tfds_data_dir=str(tmp_path))
   _one_line(excinfo, tmp_path, "tfds build dsprites")
+
+
+def test_tfds_not_installed_names_the_extra(tmp_path, monkeypatch):
+  monkeypatch.setattr(dsprites.data_lib, "tfds_installed", lambda: False)
+  with pytest.raises(dsprites.DSpritesError) as excinfo:
+    dsprites.load_dsprites("tfds", tfds_data_dir=str(tmp_path))
+  _one_line(excinfo, "pip install -e '.[tfds]'")
