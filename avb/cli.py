@@ -74,20 +74,11 @@ def run(default_config: str, experiment: Callable[..., object],
           config, num_devices=jax.device_count(),
           num_processes=jax.process_count())
       config_utils.check_workdir(workdir_flag.value)
-      # TensorFlow (tfds, TensorBoard writers) must not grab accelerator
-      # memory that JAX needs.
-      os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-      try:
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
-        tf.config.set_visible_devices([], "GPU")
-      except ImportError:
-        pass
       # A preempted or killed job (SIGTERM) saves a checkpoint like Ctrl-C.
       signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
       experiment(config, workdir_flag.value)
     except _expected_errors() as e:
-      logging.error("%s: %s", type(e).__name__, e)
-      fail(str(e))
+      fail(str(e))  # One `error:` line, not also a log record.
 
   # Parse the flags here rather than inside app.run, which would print a
   # traceback for an error raised by get_config or a locked-config override.
@@ -96,7 +87,7 @@ def run(default_config: str, experiment: Callable[..., object],
     argv = flags.FLAGS(sys.argv)
   except Exception as e:  # pylint: disable=broad-except
     fail(_flag_error_line(e, sys.argv))
-  _quiet_orbax_info_logs()
+  _quiet_library_logs()
   app.run(main, flags_parser=lambda _: argv)
 
 
@@ -137,12 +128,28 @@ def _flag_error_line(error: Exception, argv: list[str]) -> str:
           "name against the config file")
 
 
-class _DropOrbaxInfo(logging_std.Filter):
-  """Orbax logs a dozen INFO lines per checkpoint; keep its warnings only."""
+class _DropLibraryNoise(logging_std.Filter):
+  """Drops library records that say nothing about the run.
+
+  - orbax logs a dozen INFO lines per checkpoint (its warnings stay);
+  - matplotlib warns once per machine that it is building its font cache.
+  """
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+    if record.levelno < logging_std.WARNING and "orbax" in record.pathname:
+      return False
+    return "building the font cache" not in record.getMessage()
 
 
-def _quiet_orbax_info_logs() -> None:
-  logging_std.getLogger("absl").addFilter(_DropOrbaxInfo())
+def _quiet_library_logs() -> None:
+  """Keeps a normal run's console to avb's own lines; --verbosity=1 shows all.
+
+  JAX logs at INFO that it probed for a TPU and found no libtpu, which every
+  CPU or GPU run would print; its warnings still show.
+  """
+  if flags.FLAGS.verbosity >= 1:
+    return
+  logging_std.getLogger("jax").setLevel(logging_std.WARNING)
+  noise = _DropLibraryNoise()
+  logging_std.getLogger("absl").addFilter(noise)
+  logging_std.getLogger("matplotlib").addFilter(noise)

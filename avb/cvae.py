@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import time
@@ -614,7 +613,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       steps_per_call=config.training.steps_per_call)
   elbo_only = make_eval_fn(model_config, mesh, 0, 1)
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-  logger = writers.MetricLogger(workdir_path)
+  logger = writers.MetricLogger(workdir_path,
+                               num_steps=config.training.num_steps)
 
   def check_finite() -> None:
     if int(np.asarray(loop.state.bad_step)) >= 0:
@@ -730,5 +730,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writers.write_json(workdir_path / "summary.json", summary)
   logger.flush()
   logger.close()
-  logging.info("Summary: %s", json.dumps(summary))
+  logging.info("Summary: %s", workdir_path / "summary.json")
   return summary

@@ -728,10 +728,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   run_dirs = ([workdir_path / "sweep" / r.label for r in runs] if swept
               else [workdir_path])
   loggers = []
-  for run_dir in run_dirs:
+  for run, run_dir in zip(runs, run_dirs):
     if jax.process_index() == 0:
       run_dir.mkdir(parents=True, exist_ok=True)
-    loggers.append(writers.MetricLogger(run_dir))
+    loggers.append(writers.MetricLogger(
+        run_dir, num_steps=config.training.num_steps,
+        label=run.label if swept else None))
   indices = list(range(len(runs))) if swept else [None]
   num_steps = config.training.num_steps
   reported_bad: set[int] = set()
@@ -856,7 +858,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                   cpu_seconds=_cpu_seconds())
   writers.write_json(workdir_path / "summary.json", result)
   manager.close()
-  logging.info("Summary: %s", json.dumps(_headline(result)))
+  logging.info("Summary: %s", workdir_path / "summary.json")
   return result
 
 
@@ -978,10 +980,3 @@ def _aggregate(config: ml_collections.ConfigDict, runs: list[train.Run],
                                "values": active.tolist()}
     table.append(row)
   return table
-
-
-def _headline(result: dict) -> dict:
-  """The summary without per-metric detail, for the log."""
-  if "runs" in result:
-    return {"by_value": result["by_value"], "wall_time_s": result["wall_time_s"]}
-  return {k: v for k, v in result.items() if k not in ("metrics", "images")}

@@ -1680,5 +1680,5 @@ def run_figure(config: ml_collections.ConfigDict,
   summary = _FIGURE_FNS[config.figure.name](config, workdir_path)
   summary["wall_time_s"] = time.time() - wall_start
   writers.write_json(workdir_path / "summary.json", summary)
-  logging.info("Summary: %s", json.dumps(summary)[:2000])
+  logging.info("Summary: %s", workdir_path / "summary.json")
   return summary

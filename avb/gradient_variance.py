@@ -658,7 +658,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
   measure_key = jax.random.fold_in(jax.random.key(config.seed), 4)
 
-  logger = writers.MetricLogger(workdir_path)
+  logger = writers.MetricLogger(workdir_path,
+                               num_steps=config.training.num_steps)
   records_path = workdir_path / "gradient_variance.jsonl"
   records = _read_records(records_path)
   measured = {r["step"] for r in records}
@@ -774,5 +775,5 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   writers.write_json(workdir_path / "summary.json", summary)
   logger.flush()
   logger.close()
-  logging.info("Summary: %s", json.dumps(summary))
+  logging.info("Summary: %s", workdir_path / "summary.json")
   return summary

@@ -35,6 +35,7 @@ import functools
 import json
 import math
 import pathlib
+import textwrap
 import time
 from typing import Any, Callable
 
@@ -52,6 +53,7 @@ from avb import estimators
 from avb import families
 from avb import input_pipeline
 from avb import models
+from avb import writers
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -471,13 +473,27 @@ def make_eval_fns(model_config: models.ModelConfig,
 
 def evaluate(batch_fn: Callable, params: PyTree, images: np.ndarray,
              batch_size: int, rng: jax.Array,
-             sharding: jax.sharding.NamedSharding) -> dict[str, np.ndarray]:
+             sharding: jax.sharding.NamedSharding, *,
+             progress: str | None = None,
+             progress_every_s: float = 15.0) -> dict[str, np.ndarray]:
   """Runs a masked-sum batch evaluator over `images` and returns the totals.
 
   Every process holds the whole split and evaluates its own contiguous block
   of it, `batch_size / process_count` examples per batch; short blocks and
   the last batch are padded and masked out, so every example counts once
   whatever N is.
+
+  Args:
+    batch_fn: `(params, x, mask, rng, batch_index) -> sums`.
+    params: the parameters evaluated.
+    images: the whole split [N, ...].
+    batch_size: global examples per batch.
+    rng: the evaluation key; `batch_fn` folds in the batch index.
+    sharding: the batch sharding.
+    progress: a name for a console line every `progress_every_s` seconds
+      (images done, ETA), for evaluations long enough to look stuck, such
+      as the importance-sampled log-likelihood; None prints nothing.
+    progress_every_s: seconds between progress lines.
   """
   processes, index = jax.process_count(), jax.process_index()
   n = images.shape[0]
@@ -489,6 +505,7 @@ def evaluate(batch_fn: Callable, params: PyTree, images: np.ndarray,
   num_batches = -(-block // local_batch)
   totals = None
   in_flight = collections.deque()
+  start = last_report = time.time()
   for batch_index in range(num_batches):
     chunk = x[batch_index * local_batch:(batch_index + 1) * local_batch]
     mask = np.ones(len(chunk), np.float32)
@@ -502,6 +519,13 @@ def evaluate(batch_fn: Callable, params: PyTree, images: np.ndarray,
     in_flight.append(sums["count"])
     if len(in_flight) > _MAX_IN_FLIGHT:  # see TrainLoop.run
       in_flight.popleft().block_until_ready()
+      now = time.time()
+      if progress is not None and now - last_report >= progress_every_s:
+        last_report = now
+        done = min((batch_index + 1 - len(in_flight)) * local_batch, block)
+        eta = (now - start) * (block - done) / max(done, 1)
+        logging.info("%s: %s/%s images, ETA %s", progress, f"{done:,}",
+                     f"{block:,}", writers.format_duration(eta))
   return jax.tree.map(np.asarray, jax.device_get(totals))
 
 
@@ -671,11 +695,13 @@ def restore_checkpoint(manager, step: int, target: TrainState) -> TrainState:
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def resume(manager, step: int, target: TrainState, workdir: str) -> TrainState:
+def resume(manager, step: int, target: TrainState, workdir: str, *,
+           announce: bool = True) -> TrainState:
   """`restore_checkpoint`; a checkpoint of another config is a one-line error.
 
   Every entry point resumes through this, so a --workdir written by a
-  different model is refused the same way everywhere.
+  different model is refused the same way everywhere. `announce=False` is
+  for callers whose start-up block already says that the run resumed.
 
   Raises:
     config_utils.ConfigError: the checkpoint's tree does not fit `target`.
@@ -687,7 +713,8 @@ def resume(manager, step: int, target: TrainState, workdir: str) -> TrainState:
         f"--workdir={workdir} holds a checkpoint (step {step}) that does "
         f"not fit this config ({type(e).__name__}); use a new --workdir or "
         "the config that wrote it") from None
-  logging.info("Resumed from %s at step %d.", manager.directory, step)
+  if announce:
+    logging.info("Resumed from %s at step %d.", manager.directory, step)
   return state
 
 
@@ -736,6 +763,68 @@ def _run_slice(tree: PyTree, index: int | None) -> PyTree:
   return tree if index is None else jax.tree.map(lambda x: x[index], tree)
 
 
+def start_block(config: ml_collections.ConfigDict, dataset,
+                model_config: models.ModelConfig, mesh: jax.sharding.Mesh,
+                workdir: pathlib.Path, *, num_train: int, per_shard: int,
+                resumed_step: int | None, num_runs: int) -> str:
+  """What a run is about to do, printed once at its start, a fact a line.
+
+  Args:
+    config: the run's config.
+    dataset: the loaded `data.Dataset` (its `describe()` names the sources).
+    model_config: the model built.
+    mesh: the device mesh.
+    workdir: the run's directory.
+    num_train: training examples used (a multiple of the shard count).
+    per_shard: training examples on each device.
+    resumed_step: the checkpoint's step when resuming, else None.
+    num_runs: runs trained together (a sweep), else 1.
+
+  Returns:
+    Lines of at most ~120 characters, the first naming the run.
+  """
+  total = dataset.train.images.shape[0]
+  used = (f"{num_train:,} examples" if num_train == total else
+          f"{num_train:,} of {total:,} examples ({mesh.size} equal shards)")
+  devices = mesh.devices.reshape(-1)
+  widths = "-".join(str(w) for w in (model_config.data_dim,
+                                     *model_config.hidden_sizes,
+                                     model_config.num_latents))
+  lines = [
+      f"AEVB run: {config.data.name}, {config.training.num_steps:,} steps",
+      *(textwrap.fill(line, 110, initial_indent="  data      ",
+                      subsequent_indent=" " * 14)
+        for line in dataset.describe().splitlines()),
+      f"  training  {used}, batch {config.training.batch_size}, "
+      f"{config.optimizer.name} lr {config.optimizer.learning_rate:g}, "
+      f"estimator {config.objective.estimator}"
+      + (f", {num_runs} runs ({config.sweep.axis})" if num_runs > 1 else ""),
+      f"  model     {model_config.architecture} {widths} "
+      f"{model_config.activation}, {model_config.likelihood} decoder, "
+      f"{config.model.get('posterior', 'gaussian')} posterior",
+      f"  devices   {len(devices)} x {devices[0].platform}, "
+      f"{jax.process_count()} process(es), {per_shard:,} examples per device",
+      f"  workdir   {workdir} ("
+      + (f"resumed at step {resumed_step:,})" if resumed_step is not None
+         else "new run)"),
+  ]
+  return "\n".join(lines)
+
+
+def final_line(summary: dict[str, Any]) -> str:
+  """The run's headline numbers on one line."""
+  parts = [f"[{summary['label']}]"] if "label" in summary else []
+  parts.append(f"done at step {summary['steps']:,}: "
+               f"test ELBO {summary['test_elbo']:.2f}, "
+               f"train ELBO {summary['train_elbo']:.2f}")
+  if "test_log_likelihood" in summary:
+    parts.append(f"test log p(x) {summary['test_log_likelihood']:.2f} "
+                 f"+- {summary['test_log_likelihood_stderr']:.2f}")
+  if summary.get("non_finite_step") is not None:
+    parts.append(f"non-finite at step {summary['non_finite_step']}")
+  return ", ".join(parts)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains a VAE with AEVB, evaluating, logging and checkpointing to `workdir`.
@@ -762,7 +851,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       last good state and reported in its summary; the others go on.
   """
   from avb import data as data_lib  # pylint: disable=g-import-not-at-top
-  from avb import writers  # pylint: disable=g-import-not-at-top
 
   wall_start = time.time()
   mesh = make_mesh()
@@ -777,15 +865,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       data_dir=config.data.data_dir, tfds_data_dir=config.data.tfds_data_dir,
       seed=config.seed, train_size=config.data.train_size,
       test_size=config.data.test_size)
-  logging.info("Data:\n%s", dataset.describe())
   batch_size = config.training.batch_size
   num_shards = mesh.size
   per_shard = input_pipeline.shard_size(dataset.train.images.shape[0],
                                         num_shards, batch_size)
   num_train = per_shard * num_shards
-  if num_train < dataset.train.images.shape[0]:
-    logging.info("Training on %d of %d examples: %d shards of %d.", num_train,
-                 dataset.train.images.shape[0], num_shards, per_shard)
   # This process keeps only the rows of its own shards.
   train_images = dataset.train.images[input_pipeline.process_rows(
       dataset.train.images.shape[0], num_shards)]
@@ -800,7 +884,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   latest = manager.latest_step()
   if latest is not None:
     _check_checkpoint_compatible(workdir_path, config, state)
-    state = resume(manager, latest, state, workdir)
+    state = resume(manager, latest, state, workdir, announce=False)
     summary_path = workdir_path / "summary.json"
     if latest >= config.training.num_steps and summary_path.exists():
       logging.info("Run already complete; its summary is %s.", summary_path)
@@ -815,6 +899,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         "runs": [dataclasses.asdict(r) for r in runs],
     })
   initial_step = latest if latest is not None else 0
+  logging.info("%s", start_block(
+      config, dataset, model_config, mesh, workdir_path, num_train=num_train,
+      per_shard=per_shard, resumed_step=latest,
+      num_runs=len(runs) if swept else 1))
 
   train_step = make_train_step(
       aevb_loss(model_config, config, num_train), tx,
@@ -846,7 +934,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   for run_dir in run_dirs:
     if jax.process_index() == 0:
       run_dir.mkdir(parents=True, exist_ok=True)
-    loggers.append(writers.MetricLogger(run_dir))
+  for run, run_dir in zip(runs, run_dirs):
+    loggers.append(writers.MetricLogger(
+        run_dir, num_steps=config.training.num_steps,
+        label=run.label if swept else None))
   indices = list(range(len(runs))) if swept else [None]
   num_steps = config.training.num_steps
   train_eval_images = dataset.train.images[:min(config.eval.train_examples, num_train)]
@@ -942,8 +1033,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ll_start = time.time()
     ll_key = (jax.vmap(lambda k: jax.random.fold_in(k, 1))(eval_key) if swept
               else jax.random.fold_in(eval_key, 1))
+    logging.info("Estimating the test log-likelihood: %d samples for each "
+                 "of %s images.", config.eval.log_likelihood_samples,
+                 f"{ll_images.shape[0]:,}")
     ll_sums = evaluate(log_likelihood_sums, state.params, ll_images,
-                       config.eval.batch_size, ll_key, sharded)
+                       config.eval.batch_size, ll_key, sharded,
+                       progress="test log-likelihood")
     ll_seconds = time.time() - ll_start
   bad_steps = np.asarray(state.bad_step).reshape(-1)
 
@@ -999,7 +1094,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     result = summaries[0]
   writers.write_json(workdir_path / "summary.json", result)
   manager.close()
-  logging.info("Summary: %s", json.dumps(result))
+  for summary in summaries:
+    logging.info("%s", final_line(summary))
+  logging.info("Summary: %s", workdir_path / "summary.json")
   return result
 
 

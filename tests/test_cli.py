@@ -7,9 +7,9 @@ exit status 1, never a traceback. The other expected failures (an
 incompatible checkpoint, missing data) are checked in-process, which is much
 cheaper than a subprocess.
 
-Each subprocess pays several seconds of imports (JAX, TensorFlow through
-clu), so they all start at once in a module-scoped fixture and run side by
-side, and beside the in-process tests.
+Each subprocess pays several seconds of imports and compilation, so they
+all start at once in a module-scoped fixture and run side by side, and beside
+the in-process tests.
 """
 
 import json
@@ -23,6 +23,7 @@ import sys
 import matplotlib.image
 import pytest
 
+from conftest import require_real_data
 from avb import config_utils
 from avb import data
 from avb import train
@@ -37,6 +38,9 @@ TIMEOUT_S = 600
 TRAIN_KEYS = ("loss", "elbo", "reconstruction", "kl", "kl_per_latent",
               "l2_grads", "l2_params", "steps_per_sec", "eta_seconds")
 RERUN_STEPS = 40
+FREY_FACE_FILE = "frey_face/frey_rawface.mat"
+# A console line longer than this is not read at a glance.
+MAX_LINE_CHARS = 200
 SUMMARY_KEYS = ("train_elbo", "test_elbo", "test_log_likelihood", "steps",
                 "examples_seen", "wall_time_s")
 
@@ -60,6 +64,26 @@ def _command(experiment: str, *args: str) -> list[str]:
   return [sys.executable, "-m", f"experiments.{experiment}", *args]
 
 
+# `python -m experiments.mnist ...`, run by runpy exactly as -m runs it, which
+# at exit writes the names of the TensorFlow modules it imported (none, on the
+# base install's path) to the file named by AVB_TEST_MODULES_FILE.
+_RECORD_MODULES = """
+import atexit, os, runpy, sys
+def _record():
+  names = sorted(m for m in sys.modules if m.split(".")[0] in (
+      "tensorflow", "tensorflow_datasets", "keras"))
+  with open(os.environ["AVB_TEST_MODULES_FILE"], "w") as f:
+    f.write("\\n".join(names))
+atexit.register(_record)
+sys.argv[0] = "experiments/mnist.py"
+runpy.run_module("experiments.mnist", run_name="__main__", alter_sys=True)
+"""
+
+
+def _command_recording_modules(*args: str) -> list[str]:
+  return [sys.executable, "-c", _RECORD_MODULES, *args]
+
+
 def _smoke_args(experiment: str, workdir: pathlib.Path) -> list[str]:
   return [f"--config=experiments/configs/{experiment}.py:smoke",
           f"--workdir={workdir}"]
@@ -73,6 +97,7 @@ class Background:
   """
 
   def __init__(self, log_dir: pathlib.Path):
+    self.log_dir = log_dir
     self._log_dir = log_dir
     self._log_dir.mkdir(parents=True, exist_ok=True)
     self._env = dict(os.environ)
@@ -82,12 +107,13 @@ class Background:
     self._finished = {}
 
   def start(self, name: str, argv: list[str], workdir: pathlib.Path,
-            niceness: int = 0) -> None:
+            niceness: int = 0, env: dict[str, str] | None = None) -> None:
     """Starts `argv`; a positive `niceness` lets the others go first."""
     out = open(self._log_dir / f"{name}.out", "w")
     err = open(self._log_dir / f"{name}.err", "w")
     process = subprocess.Popen(
-        argv, cwd=REPO_ROOT, env=self._env, stdout=out, stderr=err,
+        argv, cwd=REPO_ROOT, env={**self._env, **(env or {})}, stdout=out,
+        stderr=err,
         stdin=subprocess.DEVNULL,
         preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
     self._started[name] = (process, workdir, out, err)
@@ -155,11 +181,17 @@ def background(tmp_path_factory):
   root = tmp_path_factory.mktemp("cli")
   runs = Background(root / "logs")
   for experiment in EXPERIMENTS:
-    if experiment == "frey_face" and not (SHARED_DATA / "frey_face").is_dir():
+    if experiment == "frey_face" and not (SHARED_DATA / FREY_FACE_FILE).is_file():
       continue  # Its tests are skipped; MNIST has an offline fallback.
     workdir = root / experiment
-    runs.start(experiment,
-               _command(experiment, *_smoke_args(experiment, workdir)), workdir)
+    if experiment == "mnist":
+      runs.start(experiment, _command_recording_modules(
+          *_smoke_args(experiment, workdir)), workdir,
+                 env={"AVB_TEST_MODULES_FILE": str(root / "modules.txt")})
+    else:
+      runs.start(experiment,
+                 _command(experiment, *_smoke_args(experiment, workdir)),
+                 workdir)
   for name, (flags, _) in BAD_INPUTS.items():
     workdir = root / f"bad_{name}"
     if name == "workdir_is_a_file":
@@ -176,8 +208,8 @@ def background(tmp_path_factory):
 
 
 def _smoke_result(background: Background, experiment: str) -> Run:
-  if experiment == "frey_face" and not (SHARED_DATA / "frey_face").is_dir():
-    pytest.skip(f"no frey_face data in {SHARED_DATA}")
+  if experiment == "frey_face":
+    require_real_data(FREY_FACE_FILE)
   run = background.result(experiment)
   assert run.returncode == 0, run.stderr[-3000:]
   return run
@@ -313,6 +345,46 @@ def test_smoke_run_writes_tensorboard_events(smoke_run):
   events = list(smoke_run.workdir.glob("**/events.out.tfevents.*"))
   assert events, list(smoke_run.workdir.iterdir())
   assert all(e.stat().st_size > 0 for e in events)
+
+
+def test_tensorboard_lists_the_scalars_as_written(smoke_run):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(str(smoke_run.workdir))
+  accumulator.Reload()
+  tags = accumulator.Tags()
+  for name in ("train/loss", "train/elbo", "train/kl_per_latent/000",
+               "test/elbo", "test/log_likelihood"):
+    assert name in tags["scalars"], (name, tags["scalars"][:20])
+  assert {"reconstructions", "samples"} <= set(tags["images"])
+  train_records = [r for r in _read_jsonl(smoke_run.workdir / "metrics.jsonl")
+                   if r["split"] == "train"]
+  events = accumulator.Scalars("train/elbo")
+  assert [e.step for e in events] == [r["step"] for r in train_records]
+  assert [e.value for e in events] == pytest.approx(
+      [r["elbo"] for r in train_records], rel=1e-6)
+
+
+def test_smoke_run_console_is_short_and_free_of_library_noise(smoke_run):
+  lines = (smoke_run.stdout + smoke_run.stderr).splitlines()
+  too_long = [line for line in lines if len(line) > MAX_LINE_CHARS]
+  assert not too_long, too_long[:3]
+  head = "\n".join(lines[:20]).lower()
+  for noise in ("libtpu", "tensorflow", "onednn", "font cache", "tfds",
+                "dataset_info", "warning"):
+    assert noise not in head, (noise, lines[:20])
+  # The start-up block is printed once and names the data's source.
+  assert sum("AEVB run:" in line for line in lines) == 1
+  assert sum(" train: " in line and "examples from" in line
+             for line in lines) == 1
+  progress = [line for line in lines if "step 30/30" in line]
+  assert progress and any("ex/s" in line for line in progress), lines
+
+
+def test_mnist_run_never_imports_tensorflow(background):
+  _smoke_result(background, "mnist")
+  record = pathlib.Path(background.log_dir.parent / "modules.txt")
+  assert record.is_file(), "the run did not record its modules"
+  assert record.read_text() == "", record.read_text()
 
 
 def test_smoke_run_writes_summary(smoke_run):
