@@ -3,7 +3,8 @@
 from benchmarks import train_throughput
 
 
-def test_throughput_suite_runs_and_reports(tmp_path):
+def test_throughput_suite_runs_and_reports(tmp_path, real_data):
+  real_data("mnist/t10k-images-idx3-ubyte.gz")
   results = tmp_path / "RESULTS.md"
   report = train_throughput.main([
       "--variants=avb,avb_streamed", "--rounds=1", "--num-images=1000",
@@ -29,7 +30,8 @@ def test_flop_count_is_about_two_and_a_half_forwards():
   assert 2.4 < flops["total"] / flops["forward"] < 2.6
 
 
-def test_figure2_time_projects_every_group(capsys):
+def test_figure2_time_projects_every_group(capsys, real_data):
+  real_data("frey_face/frey_rawface.mat")
   from benchmarks import figure2_time  # pylint: disable=g-import-not-at-top
   report = figure2_time.main(["--variant=smoke", "--examples=400",
                               "--num-seeds=1", "--rounds=1"])

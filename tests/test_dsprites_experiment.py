@@ -150,10 +150,13 @@ def _capacities(workdir):
           dsprites_experiment.read_train_records(path)]
 
 
-# In-process tests start after the command lines, which then run beside them.
-pytestmark = pytest.mark.usefixtures("background")
+# The slow tests start the command lines first, so these run beside them; the
+# default (fast) run starts none of them.
+_BESIDE_THE_COMMAND_LINES = pytest.mark.usefixtures("background")
 
 
+@pytest.mark.slow
+@_BESIDE_THE_COMMAND_LINES
 def test_interrupted_run_resumes_exactly_with_the_same_capacity_schedule(
     tmp_path, monkeypatch):
   config = _tiny()
@@ -273,6 +276,7 @@ def test_sub_grid_metrics_read_the_right_images(cache_dir):
 # The smoke command lines.
 
 
+@pytest.mark.slow
 def test_beta_vae_smoke_run_scores_every_run(background):
   workdir = _finished(background, "beta_vae")
   summary = json.loads((workdir / "summary.json").read_text())
@@ -305,6 +309,7 @@ def test_beta_vae_smoke_run_scores_every_run(background):
   assert all(len(r["kl_per_latent"]) == 4 and r["beta"] == 4.0 for r in records)
 
 
+@pytest.mark.slow
 def test_capacity_smoke_run_logs_the_schedule(background):
   workdir = _finished(background, "capacity")
   summary = json.loads((workdir / "summary.json").read_text())
@@ -320,6 +325,7 @@ def test_capacity_smoke_run_logs_the_schedule(background):
   assert run["capacity_final"] == 5.0 and run["objective"] == "capacity"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BAD_CLI_INPUTS))
 def test_bad_command_line_is_one_error_line(background, name):
   code, stderr, _ = background(f"bad_{name}")
