@@ -187,6 +187,7 @@ def test_shapes():
   assert cvae.regressor_log_likelihood(SMALL, params["regressor"], x, c).shape == (4,)
 
 
+@pytest.mark.slow
 def test_importance_log_likelihood_is_at_least_the_elbo():
   params = cvae.init_params(SMALL, jax.random.key(0))
   images = (jax.random.uniform(jax.random.key(1), (16, 30)) < 0.3).astype(jnp.float32)

@@ -131,6 +131,7 @@ def test_objective_value_is_the_same_estimate_for_every_estimator():
   np.testing.assert_allclose(got, got[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_score_function_and_reparameterized_agree_in_mean():
   params, images = _setup()
   num_draws = 20_000
@@ -180,6 +181,7 @@ def test_per_leaf_trace_cov_equals_gradient_variance_stats():
     np.testing.assert_allclose(a, b, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_measure_sums_equal_per_example_statistics():
   params, images = _setup(batch=3)
   num_draws = 16

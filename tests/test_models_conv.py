@@ -141,7 +141,8 @@ def test_bad_architecture_settings_raise(overrides, match):
     _conv(**overrides)
 
 
-@pytest.mark.parametrize("architecture", ["conv", "fc_higgins"])
+@pytest.mark.parametrize("architecture", [
+    pytest.param("conv", marks=pytest.mark.slow), "fc_higgins"])
 def test_train_helpers_work_unchanged(architecture):
   """train.encode / train.elbo_terms see [B, D] data for every architecture."""
   config = _conv(architecture=architecture, data_shape=(16, 16),

@@ -173,6 +173,7 @@ def _final_params(workdir):
   return restored["params"], manager.latest_step()
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
   full = tiny_config(training__num_steps=24, training__checkpoint_every=8)
@@ -192,7 +193,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   assert train.train_and_evaluate(full, str(tmp_path / "split")) == summary_resumed
 
 
-@pytest.mark.parametrize("on_device", [True, False])
+# The streamed path's interruption is the slow one; the device path's is quick.
+@pytest.mark.parametrize("on_device", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_interrupted_run_saves_a_checkpoint_and_resumes_exactly(
     tmp_path, monkeypatch, on_device):
   monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
@@ -349,6 +351,7 @@ def test_device_resident_epochs_equal_host_fed_steps(tmp_path, monkeypatch):
   assert 0 <= train_records[-1]["input_wait_fraction"] < 1
 
 
+@pytest.mark.slow
 def test_seed_sweep_trains_each_run_as_if_alone(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
   sweep = tiny_config(training__num_steps=15)
@@ -380,6 +383,7 @@ def test_seed_sweep_trains_each_run_as_if_alone(tmp_path, monkeypatch):
     assert list((run_dir / "images").glob("samples_*.png"))
 
 
+@pytest.mark.slow
 def test_learning_rate_sweep_isolates_a_diverging_run(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "network_available", lambda *a, **k: False)
   config = tiny_config(training__num_steps=10)
