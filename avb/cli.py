@@ -87,7 +87,7 @@ def run(default_config: str, experiment: Callable[..., object],
     argv = flags.FLAGS(sys.argv)
   except Exception as e:  # pylint: disable=broad-except
     fail(_flag_error_line(e, sys.argv))
-  _quiet_library_logs()
+  _quiet_library_logs(flags.FLAGS.verbosity)
   app.run(main, flags_parser=lambda _: argv)
 
 
@@ -141,15 +141,18 @@ class _DropLibraryNoise(logging_std.Filter):
     return "building the font cache" not in record.getMessage()
 
 
-def _quiet_library_logs() -> None:
+def _quiet_library_logs(verbosity: int) -> None:
   """Keeps a normal run's console to avb's own lines; --verbosity=1 shows all.
 
   JAX logs at INFO that it probed for a TPU and found no libtpu, which every
-  CPU or GPU run would print; its warnings still show.
+  CPU or GPU run would print; its warnings still show. A logger's filter sees
+  only the records logged on that very logger, not those its children pass
+  up, so each filter goes on the logger that emits: orbax logs through
+  absl's logger, matplotlib's notice comes from `matplotlib.font_manager`.
   """
-  if flags.FLAGS.verbosity >= 1:
+  if verbosity >= 1:
     return
   logging_std.getLogger("jax").setLevel(logging_std.WARNING)
   noise = _DropLibraryNoise()
   logging_std.getLogger("absl").addFilter(noise)
-  logging_std.getLogger("matplotlib").addFilter(noise)
+  logging_std.getLogger("matplotlib.font_manager").addFilter(noise)

@@ -781,7 +781,7 @@ def start_block(config: ml_collections.ConfigDict, dataset,
     num_runs: runs trained together (a sweep), else 1.
 
   Returns:
-    Lines of at most ~120 characters, the first naming the run.
+    Lines, the first naming the run; data lines wrap at 110 characters.
   """
   total = dataset.train.images.shape[0]
   used = (f"{num_train:,} examples" if num_train == total else

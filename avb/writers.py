@@ -101,22 +101,18 @@ class MetricLogger:
   """
 
   def __init__(self, workdir: str | pathlib.Path, *,
-               num_steps: int | None = None, label: str | None = None,
-               console: bool = True):
+               num_steps: int | None = None, label: str | None = None):
     """Opens the run's files.
 
     Args:
       workdir: the run's directory (created by the caller).
       num_steps: the run's total steps, for `step/total` on the console.
       label: the run's label in a sweep, shown on its console lines.
-      console: False keeps the console quiet (records still go to the files);
-        for loops that print their own progress.
     """
     self._workdir = pathlib.Path(workdir)
     self._is_writer = jax.process_index() == 0
     self._num_steps = num_steps
     self._label = label
-    self._console = console and self._is_writer
     self._tb = None
     self._jsonl = None
     if self._is_writer:
@@ -133,12 +129,11 @@ class MetricLogger:
         become one TensorBoard scalar per entry.
       split: "train", "test", ... prefixed to the TensorBoard names.
     """
-    if self._console:
-      logging.info("%s", console_line(step, metrics, split,
-                                      num_steps=self._num_steps,
-                                      label=self._label))
     if not self._is_writer:
       return
+    logging.info("%s", console_line(step, metrics, split,
+                                    num_steps=self._num_steps,
+                                    label=self._label))
     for name, value in metrics.items():
       value = np.asarray(value)
       if value.ndim == 0:

@@ -57,3 +57,25 @@ def test_evaluate_reports_progress_on_long_evaluations(caplog):
   lines = [r.getMessage() for r in caplog.records
            if r.getMessage().startswith("test thing: ")]
   assert lines and all("/50 images, ETA " in line for line in lines), lines
+
+
+def test_quiet_logs_drop_the_font_cache_notice_but_keep_real_warnings(
+    caplog, monkeypatch):
+  from avb import cli  # pylint: disable=g-import-not-at-top
+  font_manager = logging.getLogger("matplotlib.font_manager")
+  jax_logger = logging.getLogger("jax")
+  monkeypatch.setattr(font_manager, "filters", list(font_manager.filters))
+  monkeypatch.setattr(jax_logger, "level", jax_logger.level)
+  absl_logger = logging.getLogger("absl")
+  monkeypatch.setattr(absl_logger, "filters", list(absl_logger.filters))
+  cli._quiet_library_logs(verbosity=0)  # pylint: disable=protected-access
+  with caplog.at_level(logging.INFO):
+    # As matplotlib words it, on the logger it uses.
+    font_manager.warning("Matplotlib is building the font cache; this may "
+                         "take a moment.")
+    font_manager.warning("findfont: Font family 'Nope' not found.")
+    jax_logger.info("Unable to initialize backend 'tpu'")
+    jax_logger.warning("a real JAX warning")
+  messages = [r.getMessage() for r in caplog.records]
+  assert messages == ["findfont: Font family 'Nope' not found.",
+                      "a real JAX warning"], messages
