@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from avb import random_streams
 from avb import config_utils
 from avb import distributions
 from avb import estimators
@@ -584,8 +585,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   tx = train.make_optimizer(config.optimizer)
   replicated, sharded = train.shardings(mesh)
-  params = init_params(model_config, jax.random.fold_in(
-      jax.random.key(config.seed), 1))
+  params = init_params(model_config, random_streams.key(
+      config.seed, random_streams.Stream.INIT))
   state = train.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
       bad_step=jnp.full((), -1, jnp.int32),
@@ -612,7 +613,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       data=input_pipeline.device_dataset(train_images, num_shards, sharded),
       steps_per_call=config.training.steps_per_call)
   elbo_only = make_eval_fn(model_config, mesh, 0, 1)
-  eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+  eval_key = random_streams.key(config.seed, random_streams.Stream.EVAL)
   logger = writers.MetricLogger(workdir_path,
                                num_steps=config.training.num_steps)
 
@@ -672,19 +673,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        config.eval.log_likelihood_chunk)
   ll = summarize_sums(train.evaluate(ll_fn, params, ll_images,
                                      config.eval.batch_size,
-                                     jax.random.fold_in(eval_key, 1), sharded))
+                                     random_streams.sub_key(
+                                         eval_key, random_streams.EvalStream.TEST_LOG_LIKELIHOOD),
+                                     sharded))
   ll_seconds = time.time() - ll_start
   logger.write(loop.step, {**test, **{f"ll/{k}": v for k, v in ll.items()}},
                "test")
   train_subset = dataset.train.images[:config.eval.train_examples]
   train_ll = summarize_sums(train.evaluate(
       ll_fn, params, train_subset, config.eval.batch_size,
-      jax.random.fold_in(eval_key, 3), sharded))
+      random_streams.sub_key(
+          eval_key, random_streams.EvalStream.TRAIN_LOG_LIKELIHOOD), sharded))
 
   flat_test = test_images.reshape(test_images.shape[0], -1)
   stats = completion_statistics(
       model_config, params, flat_test[:config.eval.statistics_examples],
-      jax.random.fold_in(eval_key, 4), config.eval.num_completions)
+      random_streams.sub_key(
+          eval_key, random_streams.EvalStream.COMPLETION_STATISTICS),
+      config.eval.num_completions)
   chosen = figure_inputs(flat_test, dataset.test.labels, config.eval.num_images)
   figure_images = flat_test[chosen]
   _, c = split_image(model_config, jnp.asarray(figure_images))
@@ -695,7 +701,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         np.asarray(jax.nn.sigmoid(regressor_logits(model_config,
                                                    params["regressor"], c))),
         np.asarray(sample_completions(model_config, params["cvae"], c,
-                                      jax.random.fold_in(eval_key, 5),
+                                      random_streams.sub_key(
+                                          eval_key, random_streams.EvalStream.COMPLETIONS),
                                       config.eval.num_completions)),
         title=(f"MNIST completion from the {config.condition.region} region "
                f"(rows {model_config.rows}, cols {model_config.cols}); CVAE "

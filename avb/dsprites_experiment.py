@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from avb import random_streams
 from avb import config_utils
 from avb import data as data_lib
 from avb import disentanglement
@@ -65,7 +66,6 @@ DATASETS_WITH_FACTORS = ("dsprites",)
 DATASETS = DATASETS_WITH_FACTORS + tuple(data_lib.DATASETS)
 # fold_in indices under a run's seed, beside train's (0 noise, 1 init,
 # 2 evaluation, 3 image grids, 4 data order).
-_PICTURE_KEY = 3
 
 
 # ----------------------------------------------------------------------------
@@ -904,7 +904,7 @@ def _evaluate_run(config: ml_collections.ConfigDict,
 
   # Pictures: reconstructions, prior samples, traversals, KL curves.
   decoder_mean = make_decoder_mean(model_config)
-  picture_key = jax.random.fold_in(jax.random.key(run.seed), _PICTURE_KEY)
+  picture_key = random_streams.key(run.seed, random_streams.Stream.PICTURES)
   count = min(evaluation.num_images, sample.shape[0])
   columns = int(math.ceil(math.sqrt(count)))
   originals = sample[:count]

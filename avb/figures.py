@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from avb import random_streams
 from avb import config_utils
 from avb import estimators
 from avb import hmc
@@ -91,10 +92,6 @@ PAPER_FIGURE2_X_LIMITS = (1e5, 1e8)
 # a pixel-wise Gaussian, which the paper's Figure 2 does not show (see
 # REPRODUCTION.md). Applied to every method alike.
 INIT_STD = 0.1
-# Keys folded into a run's seed (train.py uses 0-4; see input_pipeline).
-_EVAL_KEY = 2
-_SAMPLE_KEY = 3
-_LL_KEY = 5
 
 
 # ----------------------------------------------------------------------------
@@ -597,7 +594,7 @@ class _Trainer:
       seeds = jnp.asarray(spec.seeds, jnp.int32)
 
       def create(seed):
-        rng = jax.random.fold_in(jax.random.key(seed), 1)
+        rng = random_streams.key(seed, random_streams.Stream.INIT)
         return SeededMCEMState(seed=seed, mcem=mcem.create_mcem_state(
             spec.model_config, self.tx, rng, spec.num_train,
             self._init_step_size))
@@ -647,7 +644,8 @@ def make_mcem_device_steps(model_config: models.ModelConfig, tx, *,
           permutation, position * batch_size, batch_size)  # [B]
       x = data[indices]  # [B, D]
       rng = jax.random.fold_in(
-          jax.random.fold_in(jax.random.key(state.seed), 0), state.mcem.step)
+          random_streams.key(state.seed, random_streams.Stream.TRAIN),
+          state.mcem.step)
       hmc_rng, binarize_rng = jax.random.split(rng)
       if dynamic_binarization:
         x = jax.random.bernoulli(binarize_rng, x).astype(x.dtype)
@@ -865,7 +863,7 @@ def _run_keys(seeds: Sequence[int], *folds: int) -> jax.Array:
   for seed in seeds:
     key = jax.random.key(seed)
     for fold in folds:
-      key = jax.random.fold_in(key, fold)
+      key = jax.random.fold_in(key, int(fold))
     keys.append(key)
   return jnp.stack(keys)
 
@@ -883,7 +881,7 @@ class _ElboEvaluator:
     self._elbo_sums, _ = train.make_eval_fns(model_config, config, mesh,
                                              len(seeds))
     self._batch_size = config.eval.batch_size
-    self._key = _run_keys(seeds, _EVAL_KEY)
+    self._key = _run_keys(seeds, random_streams.Stream.EVAL)
     _, self._sharded = train.shardings(mesh)
 
   def __call__(self, params: PyTree, images: np.ndarray) -> dict[str, Any]:
@@ -1420,12 +1418,12 @@ def _figure3_evaluate(state, step, is_last, *, method, figure, subsets,
   for split in SPLITS:
     if method != "mcem" and "importance" in figure.estimators:
       x = subsets[split]["importance"]
-      keys = _run_keys(seeds, _LL_KEY, 0, SPLITS.index(split))
+      keys = _run_keys(seeds, random_streams.Stream.FIGURE_LOG_LIKELIHOOD, 0, SPLITS.index(split))
       per_example[f"importance_{split}"] = _batched_over_examples(
           importance_fn, params, x, keys, int(figure.importance.batch_size))
     if appendix_d_fn is not None:
       x = subsets[split]["appendix_d"]
-      keys = _run_keys(seeds, _LL_KEY, 1, SPLITS.index(split))
+      keys = _run_keys(seeds, random_streams.Stream.FIGURE_LOG_LIKELIHOOD, 1, SPLITS.index(split))
       per_example[f"appendix_d_{split}"] = _batched_over_examples(
           appendix_d_fn, params, x, keys, int(figure.appendix_d.batch_size))
   for key, array in per_example.items():
@@ -1608,7 +1606,7 @@ def figure5(config: ml_collections.ConfigDict,
   for num_latents in figure.latent_sizes:
     result = _train_picture_group(config, dataset, num_latents, workdir, mesh)
     params = _first_seed(result.state.params)
-    rng = jax.random.fold_in(jax.random.key(int(figure.seeds[0])), _SAMPLE_KEY)
+    rng = random_streams.key(int(figure.seeds[0]), random_streams.Stream.PICTURES)
     z = np.asarray(jax.random.normal(rng, (num_samples, num_latents)))
     images = _decode_means(result.spec.model_config, params, z)
     grid = plotting.image_grid(images, columns, padding=0)

@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from avb import random_streams
 from avb import config_utils
 from avb import distributions
 from avb import estimators
@@ -655,8 +656,9 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
       data=input_pipeline.device_dataset(train_images, num_shards, sharded),
       steps_per_call=config.training.steps_per_call)
   elbo_sums, _ = train.make_eval_fns(model_config, config, mesh)
-  eval_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-  measure_key = jax.random.fold_in(jax.random.key(config.seed), 4)
+  eval_key = random_streams.key(config.seed, random_streams.Stream.EVAL)
+  measure_key = random_streams.key(config.seed,
+                                  random_streams.Stream.GRADIENT_VARIANCE)
 
   logger = writers.MetricLogger(workdir_path,
                                num_steps=config.training.num_steps)

@@ -30,11 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from avb import random_streams
 from avb import config_utils
 
-# fold_in index of the data-order key under the run's seed. (0: training
-# noise, 1: initial parameters, 2: evaluation, 3: image grids.)
-DATA_KEY = 4
 
 
 def shard_size(num_examples: int, num_shards: int, batch_size: int) -> int:
@@ -59,7 +57,7 @@ def process_rows(num_examples: int, num_shards: int) -> slice:
 def epoch_permutations(seed: jax.Array, epoch: jax.Array,
                        shard_ids: jax.Array, per_shard: int) -> jax.Array:
   """Each shard's permutation of its rows for one epoch: [len(shard_ids), n]."""
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DATA_KEY),
+  key = jax.random.fold_in(random_streams.key(seed, random_streams.Stream.DATA_ORDER),
                            epoch)
   return jax.vmap(lambda s: jax.random.permutation(
       jax.random.fold_in(key, s), per_shard))(shard_ids)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from avb import random_streams
 from avb import distributions
 from avb import hmc
 from avb import models
@@ -289,7 +290,7 @@ def make_mcem_train_step(
   Returns:
     The step function.
   """
-  train_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  train_key = random_streams.key(config.seed, random_streams.Stream.TRAIN)
   dynamic_binarization = config.data.dynamic_binarization
   step_fn = functools.partial(
       mcem_step, model_config=model_config, tx=tx, num_train=num_train,

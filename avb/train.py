@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from avb import random_streams
 from avb import config_utils
 from avb import distributions
 from avb import estimators
@@ -261,7 +262,7 @@ def create_train_state(model_config: models.ModelConfig,
   """A fresh state; pure in `seed`, so `vmap` over seeds builds a sweep's."""
   seed = jnp.asarray(seed, jnp.int32)
   params = models.init_params(
-      model_config, jax.random.fold_in(jax.random.key(seed), 1))
+      model_config, random_streams.key(seed, random_streams.Stream.INIT))
   opt_state = tx.init(params)
   if learning_rate is not None:
     opt_state = set_learning_rate(opt_state, learning_rate)
@@ -289,7 +290,7 @@ def make_train_step(loss: Callable, tx: optax.GradientTransformation, *,
   """
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, Metrics]:
-    train_key = jax.random.fold_in(jax.random.key(state.seed), 0)
+    train_key = random_streams.key(state.seed, random_streams.Stream.TRAIN)
     rng = jax.random.fold_in(train_key, state.step)
     noise_rng, binarize_rng = jax.random.split(rng)
     x = batch["image"].reshape(batch["image"].shape[0], -1)  # [B, D]
@@ -927,7 +928,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   elbo_sums, log_likelihood_sums = make_eval_fns(model_config, config, mesh,
                                                  num_runs)
-  eval_keys = [jax.random.fold_in(jax.random.key(r.seed), 2) for r in runs]
+  eval_keys = [random_streams.key(r.seed, random_streams.Stream.EVAL)
+               for r in runs]
   eval_key = jnp.stack(eval_keys) if swept else eval_keys[0]
   run_dirs = [workdir_path / "sweep" / r.label for r in runs] if swept else [workdir_path]
   loggers = []
@@ -1031,8 +1033,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if config.eval.log_likelihood_examples is not None:
       ll_images = test_images[:config.eval.log_likelihood_examples]
     ll_start = time.time()
-    ll_key = (jax.vmap(lambda k: jax.random.fold_in(k, 1))(eval_key) if swept
-              else jax.random.fold_in(eval_key, 1))
+    test_ll = random_streams.EvalStream.TEST_LOG_LIKELIHOOD
+    ll_key = (jax.vmap(lambda k: random_streams.sub_key(k, test_ll))(eval_key)
+              if swept else random_streams.sub_key(eval_key, test_ll))
     logging.info("Estimating the test log-likelihood: %d samples for each "
                  "of %s images.", config.eval.log_likelihood_samples,
                  f"{ll_images.shape[0]:,}")
@@ -1078,7 +1081,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     _write_images(logger, final_step, model_config,
                   _run_slice(state.params, index), test_images,
                   config.eval.num_images,
-                  jax.random.fold_in(jax.random.key(run.seed), 3))
+                  random_streams.key(run.seed, random_streams.Stream.PICTURES))
     summary["wall_time_s"] = time.time() - wall_start
     summaries.append(summary)
     logger.flush()
