@@ -614,6 +614,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       steps_per_call=config.training.steps_per_call)
   elbo_only = make_eval_fn(model_config, mesh, 0, 1)
   eval_key = random_streams.key(config.seed, random_streams.Stream.EVAL)
+  after = lambda stream: random_streams.sub_key(eval_key, stream)
+  eval_streams = random_streams.EvalStream
   logger = writers.MetricLogger(workdir_path,
                                num_steps=config.training.num_steps)
 
@@ -673,8 +675,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        config.eval.log_likelihood_chunk)
   ll = summarize_sums(train.evaluate(ll_fn, params, ll_images,
                                      config.eval.batch_size,
-                                     random_streams.sub_key(
-                                         eval_key, random_streams.EvalStream.TEST_LOG_LIKELIHOOD),
+                                     after(eval_streams.TEST_LOG_LIKELIHOOD),
                                      sharded))
   ll_seconds = time.time() - ll_start
   logger.write(loop.step, {**test, **{f"ll/{k}": v for k, v in ll.items()}},
@@ -682,14 +683,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_subset = dataset.train.images[:config.eval.train_examples]
   train_ll = summarize_sums(train.evaluate(
       ll_fn, params, train_subset, config.eval.batch_size,
-      random_streams.sub_key(
-          eval_key, random_streams.EvalStream.TRAIN_LOG_LIKELIHOOD), sharded))
+      after(eval_streams.TRAIN_LOG_LIKELIHOOD), sharded))
 
   flat_test = test_images.reshape(test_images.shape[0], -1)
   stats = completion_statistics(
       model_config, params, flat_test[:config.eval.statistics_examples],
-      random_streams.sub_key(
-          eval_key, random_streams.EvalStream.COMPLETION_STATISTICS),
+      after(eval_streams.COMPLETION_STATISTICS),
       config.eval.num_completions)
   chosen = figure_inputs(flat_test, dataset.test.labels, config.eval.num_images)
   figure_images = flat_test[chosen]
@@ -701,8 +700,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         np.asarray(jax.nn.sigmoid(regressor_logits(model_config,
                                                    params["regressor"], c))),
         np.asarray(sample_completions(model_config, params["cvae"], c,
-                                      random_streams.sub_key(
-                                          eval_key, random_streams.EvalStream.COMPLETIONS),
+                                      after(eval_streams.COMPLETIONS),
                                       config.eval.num_completions)),
         title=(f"MNIST completion from the {config.condition.region} region "
                f"(rows {model_config.rows}, cols {model_config.cols}); CVAE "

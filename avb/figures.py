@@ -1418,12 +1418,14 @@ def _figure3_evaluate(state, step, is_last, *, method, figure, subsets,
   for split in SPLITS:
     if method != "mcem" and "importance" in figure.estimators:
       x = subsets[split]["importance"]
-      keys = _run_keys(seeds, random_streams.Stream.FIGURE_LOG_LIKELIHOOD, 0, SPLITS.index(split))
+      keys = _run_keys(seeds, random_streams.Stream.FIGURE_LOG_LIKELIHOOD, 0,
+                       SPLITS.index(split))
       per_example[f"importance_{split}"] = _batched_over_examples(
           importance_fn, params, x, keys, int(figure.importance.batch_size))
     if appendix_d_fn is not None:
       x = subsets[split]["appendix_d"]
-      keys = _run_keys(seeds, random_streams.Stream.FIGURE_LOG_LIKELIHOOD, 1, SPLITS.index(split))
+      keys = _run_keys(seeds, random_streams.Stream.FIGURE_LOG_LIKELIHOOD, 1,
+                       SPLITS.index(split))
       per_example[f"appendix_d_{split}"] = _batched_over_examples(
           appendix_d_fn, params, x, keys, int(figure.appendix_d.batch_size))
   for key, array in per_example.items():

@@ -54,11 +54,6 @@ def key(seed: int | jax.Array, stream: Stream) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), int(stream))
 
 
-def eval_key(seed: int | jax.Array, stream: EvalStream) -> jax.Array:
-  """A sub-stream of the evaluation stream."""
-  return jax.random.fold_in(key(seed, Stream.EVAL), int(stream))
-
-
 def sub_key(parent: jax.Array, stream: EvalStream) -> jax.Array:
   """`stream` folded into an evaluation key already derived (e.g. vmapped)."""
   return jax.random.fold_in(parent, int(stream))
